@@ -1,0 +1,199 @@
+"""The `laser-batch` command line: thin commands that parse options and call one library function.
+
+Installed as `laser_batch.cli`. Heavy imports (torch, the model code) happen inside the commands, so
+`laser-batch --help` and `laser-batch score --help` stay fast and torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from laser_batch import __version__
+from laser_batch.errors import LaserBatchError
+
+app = typer.Typer(
+    name="laser-batch",
+    help="Train Laser, export it to ONNX and score users in batch.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Convert public datasets into the Parquet data contract.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+logger = logging.getLogger("laser_batch")
+
+
+class Stage(str, Enum):
+    sasrec = "sasrec"
+    laser = "laser"
+    all = "all"
+
+
+class EvalModel(str, Enum):
+    sasrec = "sasrec"
+    popularity = "popularity"
+
+
+class Split(str, Enum):
+    valid = "valid"
+    test = "test"
+
+
+class Format(str, Enum):
+    s3rec = "s3rec"
+    recbole = "recbole"
+    movielens = "movielens"
+    amazon2018 = "amazon2018"
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn library errors into one readable line and an exit code; --debug keeps the traceback."""
+    try:
+        yield
+    except LaserBatchError as e:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"laser-batch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _progress(*, total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="seq", leave=False, dynamic_ncols=True, disable=None)
+
+
+@data_app.command("convert")
+def data_convert(
+    inputs: Annotated[list[Path], typer.Argument(help="Input file(s) or directory of the chosen format.")],
+    input_format: Annotated[Format, typer.Option("--format", help="Layout of the input.")],
+    out: Annotated[Path, typer.Option("--out", help="Data directory to write.")],
+) -> None:
+    """Convert a public dataset into interactions.parquet + items.parquet + card.json."""
+    from laser_batch.convert import convert
+
+    with _errors():
+        card = convert(input_format.value, inputs, out)
+    typer.echo(f"{out}: {card['users']} users, {card['items']} items, {card['interactions']} interactions")
+
+
+@data_app.command("example")
+def data_example(
+    out: Annotated[Path, typer.Option("--out", help="Data directory to write.")],
+    users: Annotated[int, typer.Option(help="Number of users.")] = 1000,
+    items: Annotated[int, typer.Option(help="Number of items.")] = 400,
+    seed: Annotated[int, typer.Option(help="Random seed (the data is deterministic per seed).")] = 0,
+) -> None:
+    """Write the embedded synthetic example dataset (readable titles, planted tastes and habits)."""
+    from laser_batch.examples.synthetic import write_example
+
+    with _errors():
+        card = write_example(out, users=users, items=items, seed=seed)
+    typer.echo(f"{out}: {card['users']} users, {card['items']} items, {card['interactions']} interactions")
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Data directory (see `laser-batch data`).")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    stage: Annotated[Stage, typer.Option("--stage", help="What to train.")] = Stage.sasrec,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML config file.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Override train.epochs.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Override train.seed.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing stage.")] = False,
+    drop_unknown_items: Annotated[bool, typer.Option(
+        "--drop-unknown-items", help="Drop interactions whose item is missing from items.parquet.")] = False,
+) -> None:
+    """Train a model stage and write it into the run directory."""
+    with _errors():
+        if stage is not Stage.sasrec:
+            raise LaserBatchError(f"--stage {stage.value}: Laser training is not part of this version yet; "
+                                  "use --stage sasrec")
+        from laser_batch.config import load_config
+        from laser_batch.train import train_sasrec
+
+        cfg = load_config(config, train={"epochs": epochs, "seed": seed})
+        result = train_sasrec(data, out, cfg, overwrite=overwrite, drop_unknown_items=drop_unknown_items,
+                              progress=_progress)
+    metrics = " ".join(f"{k} {v:.4f}" for k, v in result.valid_metrics.items())
+    typer.echo(f"{result.checkpoint}: best epoch {result.best_epoch}/{result.epochs_run}, valid {metrics}, "
+               f"{result.train_seconds:.0f}s")
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `train`.")],
+    model: Annotated[EvalModel, typer.Option("--model", help="Model to evaluate.")] = EvalModel.sasrec,
+    split: Annotated[Split, typer.Option("--split", help="valid: second last item; test: last item.")] = Split.test,
+    k: Annotated[list[int] | None, typer.Option("--k", help="Cut-off(s) for HR@K / NDCG@K.")] = None,
+    include_history: Annotated[bool, typer.Option(
+        "--include-history", help="Also rank items already in the user's history.")] = False,
+    data: Annotated[Path | None, typer.Option("--data", help="Use this data directory instead of the run's.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON.")] = None,
+) -> None:
+    """Full-ranking evaluation: every item is a candidate; prints a table and optionally writes JSON."""
+    from laser_batch.evaluate import evaluate_run
+
+    with _errors():
+        result = evaluate_run(run_dir, model=model.value, split=split.value, ks=k or [10, 20],
+                              exclude_history=not include_history, data_dir=data)
+    typer.echo(f"{result['model']} on {result['split']} ({result['users']} users, "
+               f"history {'excluded' if result['exclude_history'] else 'included'})")
+    for name, value in result["metrics"].items():
+        typer.echo(f"  {name:<10} {value:.4f}")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@app.command()
+def score(
+    users: Annotated[Path, typer.Argument(help="Parquet file of users: user_id + history (oldest first).")],
+    model: Annotated[Path, typer.Option("--model", help="Artefact directory written by `export`.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory for recommendations.")],
+    top_k: Annotated[int, typer.Option("--top-k", help="Recommendations per user.")] = 20,
+) -> None:
+    """The nightly batch job on ONNX Runtime (torch-free)."""
+    with _errors():
+        raise LaserBatchError("score: the ONNX scoring job is not part of this version yet (it needs `export`)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Embedded example data: a deterministic synthetic catalogue and users (see synthetic.py)."""

@@ -1,0 +1,1 @@
+"""Export of trained runs to ONNX (lands with the export issue)."""

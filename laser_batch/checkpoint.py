@@ -1,0 +1,136 @@
+"""Run directories and checkpoints.
+
+    RUN_DIR/run.json                where the data came from (absolute path and file checksums)
+    RUN_DIR/sasrec/config.json      format version, model and training config, best epoch, metrics
+    RUN_DIR/sasrec/model.safetensors
+    RUN_DIR/sasrec/item_ids.parquet, user_ids.parquet   internal id -> original id
+    RUN_DIR/sasrec/metrics.jsonl    one line per epoch
+
+A stage is written into a hidden partial directory and renamed into place when complete, so an
+interrupted run never leaves a directory that looks like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from laser_batch import __version__
+from laser_batch.config import SASRecConfig, from_dict
+from laser_batch.contracts import INTERACTIONS_FILE, ITEMS_FILE
+from laser_batch.errors import CheckpointError, InputError
+from laser_batch.sequences import ITEM_MAP_FILE, USER_MAP_FILE
+
+FORMAT_VERSION = 1
+RUN_FILE = "run.json"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"
+SASREC_DIR = "sasrec"
+CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, ITEM_MAP_FILE, USER_MAP_FILE)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_run_info(run_dir: Path, data_dir: Path) -> None:
+    """Record which data a run was trained on; later stages and evaluation read it back."""
+    data_dir = Path(data_dir).resolve()
+    info = {
+        "data_dir": str(data_dir),
+        "data_sha256": {name: sha256_file(data_dir / name) for name in (INTERACTIONS_FILE, ITEMS_FILE)},
+        "created_by": f"laser-batch {__version__}",
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def read_run_info(run_dir: Path) -> dict:
+    path = Path(run_dir) / RUN_FILE
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"{run_dir}: run directory not found")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; is {run_dir} a run directory written by `laser-batch train`?")
+    return json.loads(path.read_text())
+
+
+class StageWriter:
+    """Writes one stage of a run (e.g. RUN_DIR/sasrec) through a partial directory renamed on commit."""
+
+    def __init__(self, run_dir: Path, stage: str, *, overwrite: bool) -> None:
+        self.final = Path(run_dir) / stage
+        if self.final.exists() and not overwrite:
+            raise InputError(f"{self.final}: already exists; pass --overwrite to replace it")
+        self.partial = Path(run_dir) / f".{stage}.partial"
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.partial / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def commit(self) -> Path:
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.partial, self.final)
+        return self.final
+
+
+def save_sasrec(directory: Path, model, sequences, meta: dict) -> None:
+    """Weights + config.json (with format version) + id maps; `meta` holds training facts to keep."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / WEIGHTS_FILE))
+    sequences.save_maps(directory)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "kind": "sasrec",
+        "num_items": model.num_items,
+        "sasrec": vars(model.config).copy(),
+        "created_by": f"laser-batch {__version__}",
+        **meta,
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def read_checkpoint_config(directory: Path, kind: str) -> dict:
+    """Check that a checkpoint directory is complete and of our format version; return its config."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint not found; train the {kind} stage first")
+    missing = [name for name in CHECKPOINT_FILES if not (directory / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{directory}: incomplete checkpoint, missing {', '.join(missing)}")
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: not valid JSON ({e})") from e
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE}: checkpoint format version {version!r}, this laser-batch reads "
+            f"version {FORMAT_VERSION}; retrain with laser-batch {__version__}"
+        )
+    if config.get("kind") != kind:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: a {config.get('kind')!r} checkpoint, expected {kind!r}")
+    return config
+
+
+def load_sasrec(directory: Path):
+    """Load a SASRec checkpoint in eval mode; returns (model, config dict)."""
+    from safetensors.torch import load_file
+
+    from laser_batch.sasrec import SASRec
+
+    config = read_checkpoint_config(directory, "sasrec")
+    model = SASRec(from_dict(SASRecConfig, config["sasrec"], "sasrec"), config["num_items"])
+    model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
+    return model.eval(), config

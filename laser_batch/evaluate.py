@@ -1,0 +1,85 @@
+"""Full-ranking evaluation of a run's models on the validation or test split."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from laser_batch.checkpoint import SASREC_DIR, read_checkpoint_config, read_run_info
+from laser_batch.errors import InputError
+from laser_batch.metrics import DEFAULT_KS, metrics_from_ranks, rank_targets
+from laser_batch.sequences import Sequences
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("sasrec", "popularity")
+
+
+def popularity_scorer(histories: Sequence[np.ndarray], num_items: int) -> Callable[[list], np.ndarray]:
+    """Scores every item by how often it occurs in the given histories (what the split lets us see)."""
+    counts = np.bincount(np.concatenate(list(histories)), minlength=num_items + 1)[1:].astype(np.float32)
+    return lambda batch: np.broadcast_to(counts, (len(batch), num_items))
+
+
+def evaluate_run(
+    run_dir: Path,
+    *,
+    model: str = "sasrec",
+    split: str = "test",
+    ks: Sequence[int] = DEFAULT_KS,
+    exclude_history: bool = True,
+    data_dir: Path | None = None,
+    batch_size: int = 1024,
+) -> dict:
+    """Rank every catalogue item for every user and report HR@K, NDCG@K and MRR.
+
+    Args:
+        run_dir: a run directory written by `train`.
+        model: "sasrec" or "popularity" (counts over the histories of the split).
+        split: "valid" (second last item) or "test" (last item).
+        ks: cut-offs for HR@K and NDCG@K.
+        exclude_history: rank items already in a user's history last (the published protocol).
+        data_dir: read the data from here instead of the directory recorded in the run.
+        batch_size: users scored at once.
+
+    Returns:
+        {"model", "split", "users", "exclude_history", "metrics": {"HR@10", "NDCG@10", ..., "MRR"}}.
+    """
+    if model not in MODELS:
+        raise InputError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    if any(k <= 0 for k in ks):
+        raise InputError(f"--k must be positive, got {', '.join(map(str, ks))}")
+    info = read_run_info(run_dir)
+    data_dir = Path(data_dir) if data_dir is not None else Path(info["data_dir"])
+    checkpoint = Path(run_dir) / SASREC_DIR
+    drop_unknown = False
+    if model == "sasrec":
+        drop_unknown = read_checkpoint_config(checkpoint, "sasrec").get("drop_unknown_items", False)
+
+    from laser_batch.train import sequences_for  # torch is needed from here on
+
+    sequences = sequences_for(data_dir, drop_unknown_items=drop_unknown)
+    histories, targets = sequences.split(split)
+    scorer = _scorer(model, checkpoint, sequences, histories)
+    ranks = rank_targets(scorer, histories, targets, exclude_history=exclude_history, batch_size=batch_size)
+    return {
+        "model": model,
+        "split": split,
+        "users": int(len(targets)),
+        "exclude_history": exclude_history,
+        "metrics": metrics_from_ranks(ranks, ks),
+    }
+
+
+def _scorer(model: str, checkpoint: Path, sequences: Sequences, histories: list[np.ndarray]):
+    if model == "popularity":
+        return popularity_scorer(histories, sequences.num_items)
+    from laser_batch.checkpoint import load_sasrec
+    from laser_batch.train import sasrec_scores
+
+    sasrec, _ = load_sasrec(checkpoint)
+    sequences.check_maps(checkpoint)
+    return lambda batch: sasrec_scores(sasrec, batch)

@@ -1,0 +1,105 @@
+"""User sequences, contiguous internal ids and the deterministic leave-one-out split.
+
+Internal item ids are 1..N (0 is padding), assigned in sorted order of the original item id; internal
+user ids follow the sorted original user ids. For each user (time order, ties kept in file order):
+the last item is the test target, the second last the validation target, the rest is training data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from laser_batch.contracts import read_parquet
+from laser_batch.errors import CheckpointError, InputError
+
+ITEM_MAP_FILE = "item_ids.parquet"
+USER_MAP_FILE = "user_ids.parquet"
+MIN_INTERACTIONS = 3  # one to train on, one to validate, one to test
+SPLITS = ("valid", "test")
+
+
+@dataclass
+class Sequences:
+    """Time-ordered internal item ids per user, with the id maps."""
+
+    user_ids: pl.Series  # original user id of internal user u (row u)
+    item_ids: pl.Series  # original item id of internal item i is item_ids[i - 1]
+    seqs: list[np.ndarray]  # int64 internal item ids per user, oldest first
+    dropped_users: int  # users with fewer than MIN_INTERACTIONS interactions
+
+    @property
+    def num_items(self) -> int:
+        return self.item_ids.len()
+
+    @property
+    def num_users(self) -> int:
+        return self.user_ids.len()
+
+    def train_sequences(self) -> list[np.ndarray]:
+        """Everything before the validation target."""
+        return [s[:-2] for s in self.seqs]
+
+    def split(self, split: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """(histories, targets) for `split`: valid predicts the second last item, test the last."""
+        if split not in SPLITS:
+            raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        cut = -2 if split == "valid" else -1
+        histories = [s[:cut] for s in self.seqs]
+        targets = np.fromiter((s[cut] for s in self.seqs), dtype=np.int64, count=len(self.seqs))
+        return histories, targets
+
+    def save_maps(self, directory: Path) -> None:
+        pl.DataFrame({"index": np.arange(1, self.num_items + 1), "item_id": self.item_ids}).write_parquet(
+            directory / ITEM_MAP_FILE
+        )
+        pl.DataFrame({"index": np.arange(self.num_users), "user_id": self.user_ids}).write_parquet(
+            directory / USER_MAP_FILE
+        )
+
+    def check_maps(self, directory: Path) -> None:
+        """Fail when the data no longer yields the id maps a checkpoint was trained with."""
+        saved = read_parquet(directory / ITEM_MAP_FILE)["item_id"]
+        if saved.dtype != self.item_ids.dtype or not saved.equals(self.item_ids):
+            raise CheckpointError(
+                f"{directory / ITEM_MAP_FILE}: the data's item catalogue differs from the one this model was "
+                f"trained on ({self.num_items} items now, {saved.len()} then)"
+            )
+
+
+def build_sequences(interactions: pl.DataFrame, *, min_interactions: int = MIN_INTERACTIONS) -> Sequences:
+    """Group interactions into per-user sequences ordered by (timestamp, row order).
+
+    Users with fewer than `min_interactions` interactions are dropped and counted in the result.
+    """
+    ordered = (
+        interactions.with_row_index("_row")
+        .sort(["user_id", "timestamp", "_row"])
+        .group_by("user_id", maintain_order=True)
+        .agg(pl.col("item_id"))
+    )
+    keep = ordered["item_id"].list.len() >= min_interactions
+    dropped = ordered.height - int(keep.sum())
+    ordered = ordered.filter(keep)
+    if ordered.height == 0:
+        raise InputError(f"no user has at least {min_interactions} interactions ({dropped} users dropped)")
+
+    item_ids = ordered["item_id"].explode().unique().sort()
+    lookup = pl.DataFrame({"item_id": item_ids, "index": np.arange(1, item_ids.len() + 1, dtype=np.int64)})
+    flat = ordered.select(pl.col("item_id").explode()).join(lookup, on="item_id", how="left", maintain_order="left")
+    lengths = ordered["item_id"].list.len().to_numpy()
+    seqs = np.split(flat["index"].to_numpy(), np.cumsum(lengths)[:-1])
+    return Sequences(user_ids=ordered["user_id"], item_ids=item_ids, seqs=seqs, dropped_users=dropped)
+
+
+def pad_left(seqs: list[np.ndarray], maxlen: int) -> np.ndarray:
+    """Keep the last `maxlen` items of each sequence, left-padded with 0: shape (len(seqs), maxlen)."""
+    out = np.zeros((len(seqs), maxlen), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        tail = seq[-maxlen:]
+        if len(tail):
+            out[row, maxlen - len(tail):] = tail
+    return out

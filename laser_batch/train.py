@@ -1,0 +1,197 @@
+"""Training of the ID model (SASRec) with validation-based early stopping and best-checkpoint selection."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from laser_batch.checkpoint import SASREC_DIR, StageWriter, save_sasrec, write_run_info
+from laser_batch.config import Config
+from laser_batch.contracts import load_data_dir
+from laser_batch.metrics import DEFAULT_KS, metrics_from_ranks, rank_targets
+from laser_batch.sasrec import SASRec
+from laser_batch.sequences import Sequences, build_sequences, pad_left
+
+logger = logging.getLogger(__name__)
+
+
+class Progress(Protocol):
+    """What the library needs from a progress bar (tqdm satisfies it); the CLI supplies one."""
+
+    def __call__(self, *, total: int, desc: str) -> Any: ...
+
+
+class _NoProgress:
+    def __init__(self, *, total: int, desc: str) -> None: ...
+
+    def update(self, n: int = 1) -> None: ...
+
+    def set_postfix(self, values: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    best_epoch: int
+    epochs_run: int
+    valid_metrics: dict[str, float]
+    train_seconds: float
+    dropped_users: int
+
+
+def training_arrays(train_seqs: list[np.ndarray], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and next-item targets at every position: both (U, max_len), left-padded with 0.
+
+    A user's training sequence s yields inputs s[:-1] and targets s[1:]; users with a single training
+    item have nothing to predict and are left out.
+    """
+    usable = [s for s in train_seqs if len(s) >= 2]
+    return pad_left([s[:-1] for s in usable], max_len), pad_left([s[1:] for s in usable], max_len)
+
+
+@torch.no_grad()
+def sasrec_scores(model: SASRec, histories: list[np.ndarray]) -> np.ndarray:
+    """Scores (B, N) over the catalogue from the vector at the last (most recent) position."""
+    width = min(model.config.max_len, max(len(h) for h in histories))
+    item_ids = torch.from_numpy(pad_left(histories, width))
+    last = model(item_ids)[:, -1]  # (B, D): left padding puts the most recent item last
+    return (last @ model.item_vectors().T).numpy()
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def train_sasrec(
+    data_dir: Path,
+    run_dir: Path,
+    config: Config,
+    *,
+    overwrite: bool = False,
+    drop_unknown_items: bool = False,
+    progress: Progress = _NoProgress,
+) -> TrainResult:
+    """Train SASRec on a data directory and write RUN_DIR/sasrec (best validation epoch).
+
+    Args:
+        data_dir: a data directory in the Parquet contract.
+        run_dir: where the run is written; RUN_DIR/sasrec must not exist unless `overwrite`.
+        config: model and training configuration.
+        overwrite: replace an existing RUN_DIR/sasrec.
+        drop_unknown_items: drop interactions whose item is missing from items.parquet.
+        progress: progress-bar factory, called once per epoch.
+    """
+    dataset = load_data_dir(data_dir, drop_unknown_items=drop_unknown_items)
+    sequences = build_sequences(dataset.interactions)
+    if sequences.dropped_users:
+        logger.warning("dropped %d user(s) with fewer than 3 interactions", sequences.dropped_users)
+    if dataset.dropped_unknown_interactions:
+        logger.warning("dropped %d interaction(s) with unknown items", dataset.dropped_unknown_interactions)
+    writer = StageWriter(run_dir, SASREC_DIR, overwrite=overwrite)
+    write_run_info(run_dir, data_dir)
+
+    train_cfg, model_cfg = config.train, config.sasrec
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    seed_everything(train_cfg.seed)
+    model = SASRec(model_cfg, sequences.num_items)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98),
+                                 weight_decay=train_cfg.weight_decay)
+    inputs, targets = training_arrays(sequences.train_sequences(), model_cfg.max_len)
+    valid_histories, valid_targets = sequences.split("valid")
+    rng = np.random.default_rng(train_cfg.seed)
+    logger.info("SASRec: %d users, %d items, %d training sequences, %d parameters",
+                sequences.num_users, sequences.num_items, len(inputs), sum(p.numel() for p in model.parameters()))
+
+    ks = sorted({*DEFAULT_KS, *train_cfg.select_ks})
+    best_score, best_epoch, best_state, best_metrics, stale = -1.0, 0, None, {}, 0
+    started = time.perf_counter()
+    for epoch in range(1, train_cfg.epochs + 1):
+        epoch_start = time.perf_counter()
+        loss = _train_epoch(model, optimizer, inputs, targets, rng, train_cfg.batch_size, progress, epoch)
+        model.eval()
+        ranks = rank_targets(lambda h: sasrec_scores(model, h), valid_histories, valid_targets,
+                             batch_size=train_cfg.eval_batch_size)
+        metrics = metrics_from_ranks(ranks, ks)
+        score = metrics[train_cfg.select_metric]
+        writer.append_metrics({"epoch": epoch, "loss": loss, "seconds": round(time.perf_counter() - epoch_start, 3),
+                               "split": "valid", **metrics})
+        logger.info("epoch %d loss %.4f valid %s", epoch, loss,
+                    " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if score > best_score:
+            best_score, best_epoch, best_metrics, stale = score, epoch, metrics, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            stale += 1
+            if stale >= train_cfg.patience:
+                logger.info("early stop: no better validation %s for %d epochs", train_cfg.select_metric, stale)
+                break
+    train_seconds = time.perf_counter() - started
+
+    model.load_state_dict(best_state)
+    save_sasrec(writer.partial, model, sequences, {
+        "train": vars(train_cfg).copy(), "best_epoch": best_epoch, "epochs_run": epoch,
+        "valid_metrics": best_metrics, "train_seconds": round(train_seconds, 2),
+        "dropped_users": sequences.dropped_users, "drop_unknown_items": drop_unknown_items,
+        "data_dir": str(Path(data_dir).resolve()),
+    })
+    checkpoint = writer.commit()
+    return TrainResult(checkpoint, best_epoch, epoch, best_metrics, train_seconds, sequences.dropped_users)
+
+
+def _train_epoch(
+    model: SASRec,
+    optimizer: torch.optim.Optimizer,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    rng: np.random.Generator,
+    batch_size: int,
+    progress: Progress,
+    epoch: int,
+) -> float:
+    model.train()
+    bar = progress(total=len(inputs), desc=f"sasrec epoch {epoch}")
+    total, batches = 0.0, 0
+    for rows in length_batches((inputs != 0).sum(1), batch_size, rng):
+        width = int((inputs[rows] != 0).sum(1).max())  # left padding: the last `width` columns hold every item
+        loss = model.loss(torch.from_numpy(inputs[rows, -width:]), torch.from_numpy(targets[rows, -width:]))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, batches = total + loss.item(), batches + 1
+        bar.update(len(rows))
+        bar.set_postfix({"loss": f"{total / batches:.4f}"})
+    bar.close()
+    return total / max(batches, 1)
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, *, pool: int = 32) -> list:
+    """Shuffled batches of row indices in which sequences have similar lengths.
+
+    Rows are shuffled, cut into pools of `pool` batches, sorted by length inside each pool and batched;
+    the batches are then shuffled. Short batches are trimmed to their longest sequence, which saves most
+    of the attention work on padding, while every epoch still sees a fresh random order.
+    """
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), batch_size * pool):
+        chunk = order[start:start + batch_size * pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def sequences_for(data_dir: Path, *, drop_unknown_items: bool = False) -> Sequences:
+    """The sequences a run trained on, rebuilt deterministically from its data directory."""
+    dataset = load_data_dir(data_dir, drop_unknown_items=drop_unknown_items)
+    return build_sequences(dataset.interactions)
