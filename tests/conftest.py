@@ -1,22 +1,11 @@
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Small, fast settings under which SASRec learns the example data in a few seconds.
-FAST_CONFIG = """
-[sasrec]
-hidden_size = 32
-max_len = 20
-dropout = 0.2
-[train]
-epochs = 15
-batch_size = 32
-lr = 0.005
-patience = 4
-threads = 1
-"""
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "sasrec.toml"
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +19,6 @@ def example_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def fast_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("config") / "fast.toml"
-    path.write_text(FAST_CONFIG)
-    return path
+def fast_config():
+    """The example's SASRec config: small settings under which SASRec learns the example in seconds."""
+    return EXAMPLE_CONFIG
