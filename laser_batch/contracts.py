@@ -53,9 +53,9 @@ def read_parquet(path: Path, *, columns: list[str] | None = None) -> pl.DataFram
     try:
         return pl.read_parquet(path, columns=columns)
     except pl.exceptions.ColumnNotFoundError as e:
-        raise InputError(f"{path}: missing column ({_first_line(e)})") from e
+        raise InputError(f"{path}: missing column ({first_line(e)})") from e
     except Exception as e:  # polars raises several types for a file that is not Parquet
-        raise InputError(f"{path}: not a readable Parquet file ({_first_line(e)})") from e
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(e)})") from e
 
 
 def check_schema(df: pl.DataFrame, path: Path | str, required: dict[str, str]) -> None:
@@ -88,7 +88,8 @@ def _is_kind(dtype: pl.DataType, kind: str) -> bool:
     raise ValueError(kind)
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message, for one-line errors."""
     text = str(e).strip().splitlines()
     return text[0] if text else e.__class__.__name__
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import polars as pl
 
 from laser_batch import contracts
+from laser_batch.contracts import first_line
 from laser_batch.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -315,7 +316,7 @@ def _json_lines(path: Path) -> Iterator[tuple[int, dict]]:
                     raise InputError(f"{path}: line {lineno}: expected a JSON object, found {type(record).__name__}")
                 yield lineno, record
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read ({_first_line(e)})") from e
+        raise InputError(f"{path}: cannot read ({first_line(e)})") from e
 
 
 def _read_text(path: Path) -> str:
@@ -346,7 +347,7 @@ def _read_table(path: Path, text: str, *, separator: str, columns: list[str] | N
     except pl.exceptions.NoDataError:
         raise InputError(f"{path}: file is empty") from None
     except Exception as e:  # polars raises several types for malformed text
-        raise InputError(f"{path}: cannot parse ({_first_line(e)})") from e
+        raise InputError(f"{path}: cannot parse ({first_line(e)})") from e
     return df.filter(~pl.all_horizontal(pl.exclude("_line").is_null()))
 
 
@@ -372,11 +373,6 @@ def _timestamps(df: pl.DataFrame, path: Path) -> pl.Series:
     """Numbers; integers when every value is whole (RecBole types timestamps as float)."""
     ts = _parse(df, "timestamp", pl.Float64, path, "a number")
     return ts.cast(pl.Int64) if ts.is_finite().all() and (ts == ts.floor()).all() else ts
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _joined(paths: list[Path]) -> str:
