@@ -60,6 +60,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     patience: int = 10  # stop after this many epochs without a better validation score
+    max_minutes: float = 0.0  # stop after the epoch that crosses this training time; 0 = no limit
     select_metric: str = "NDCG@10"
     eval_batch_size: int = 1024
     seed: int = 42
@@ -71,6 +72,7 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr", self.lr, "a positive number")
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _require(self.patience > 0, "train.patience", self.patience, "a positive integer")
+        _require(self.max_minutes >= 0, "train.max_minutes", self.max_minutes, "a number >= 0 (0 = no limit)")
         name, _, k = self.select_metric.partition("@")
         _require(
             (name in ("HR", "NDCG") and k.isdigit() and int(k) > 0) or self.select_metric == "MRR",
@@ -86,12 +88,128 @@ class TrainConfig:
         return [int(k)] if k else []
 
 
+PAPER_INSTRUCTION = (
+    "You are an intelligent recommendation assistant. Please summarize the user's characteristics into a single "
+    "token based on the browsing history. In chronological order, the user has browsed the following items:"
+)
+LLM_DTYPES = ("float32", "bfloat16")
+PREFIX_KINDS = ("mformer", "free", "none")
+POOLINGS = ("suffix", "mean", "eos")
+MFORMER_PRESETS = {
+    # The paper's M-Former: 8 experts of 32 queries, width 768, 12 blocks, cross-attention every 2nd block.
+    "paper": {"num_experts": 8, "num_queries": 32, "hidden_size": 768, "num_blocks": 12, "num_heads": 12,
+              "cross_attention_freq": 2},
+}
+
+
+@dataclass
+class LLMConfig:
+    """The frozen LLM: "tiny" (embedded, built from a config), a hub id, a local directory or a .gguf file."""
+
+    source: str = "tiny"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.source), "llm.source", self.source, "a hub id, a directory, a .gguf file or 'tiny'")
+        _require(self.dtype in LLM_DTYPES, "llm.dtype", self.dtype, f"one of {', '.join(LLM_DTYPES)}")
+
+
+@dataclass
+class TextConfig:
+    """How histories become text. `item_line` fields: {index}, {title}, {fields} (" (brand: X, year: Y)")."""
+
+    instruction: str = PAPER_INSTRUCTION
+    item_line: str = ">>{index}. {title}{fields}"
+    text_columns: list[str] | None = None  # None: every text column of items.parquet
+    max_history_items: int = 10
+    max_text_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        _require("{title}" in self.item_line, "text.item_line", self.item_line, "a template containing {title}")
+        _require(self.max_history_items > 0, "text.max_history_items", self.max_history_items, "a positive integer")
+        _require(self.max_text_tokens > 0, "text.max_text_tokens", self.max_text_tokens, "a positive integer")
+
+
+@dataclass
+class MFormerConfig:
+    """MoE querying transformer. hidden_size 0 = sized to the LLM (its width, at most 256); see MFORMER_PRESETS."""
+
+    preset: str = ""
+    num_experts: int = 8
+    num_queries: int = 32
+    hidden_size: int = 0
+    num_blocks: int = 2
+    num_heads: int = 4
+    cross_attention_freq: int = 2
+    top_k: int = 1
+    id_window: int = 10  # the last N history positions of the frozen SASRec feed the cross-attention
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.preset:
+            _require(self.preset in MFORMER_PRESETS, "mformer.preset", self.preset,
+                     f"one of {', '.join(MFORMER_PRESETS)} or empty")
+            for key, value in MFORMER_PRESETS[self.preset].items():
+                setattr(self, key, value)
+            self.preset = ""  # applied: the stored config holds the explicit values
+        for name in ("num_experts", "num_queries", "num_blocks", "num_heads", "cross_attention_freq", "id_window"):
+            _require(getattr(self, name) > 0, f"mformer.{name}", getattr(self, name), "a positive integer")
+        _require(1 <= self.top_k <= self.num_experts, "mformer.top_k", self.top_k,
+                 f"an integer in [1, num_experts={self.num_experts}]")
+        _require(self.hidden_size >= 0, "mformer.hidden_size", self.hidden_size, "0 (sized to the LLM) or positive")
+        _require(self.hidden_size == 0 or self.hidden_size % self.num_heads == 0, "mformer.num_heads",
+                 self.num_heads, f"a divisor of hidden_size ({self.hidden_size})")
+        _require(0.0 <= self.dropout < 1.0, "mformer.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass
+class LaserConfig:
+    """Bi-Tuning, the loss and the two training stages (paper values as defaults where the paper gives them)."""
+
+    prefix: str = "mformer"  # "free": learned prefix without collaborative input; "none": no prefix
+    num_suffix_tokens: int = 1
+    pooling: str = "suffix"
+    temperature: float = 0.05
+    lb_weight: float = 0.01
+    stage1_epochs: int = 15
+    stage2_epochs: int = 5
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    batch_size: int = 4
+    grad_accumulation: int = 1
+    item_batch_size: int = 64
+    samples_per_user: int = 1  # training targets per user and epoch: the last training item, then random earlier ones
+    patience: int = 0  # 0: run every epoch of a stage; else stop a stage after this many epochs without improvement
+
+    def __post_init__(self) -> None:
+        _require(self.prefix in PREFIX_KINDS, "laser.prefix", self.prefix, f"one of {', '.join(PREFIX_KINDS)}")
+        _require(self.pooling in POOLINGS, "laser.pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
+        _require(self.num_suffix_tokens > 0, "laser.num_suffix_tokens", self.num_suffix_tokens, "a positive integer")
+        _require(self.temperature > 0, "laser.temperature", self.temperature, "a positive number")
+        _require(self.lb_weight >= 0, "laser.lb_weight", self.lb_weight, "a number >= 0")
+        _require(self.stage1_epochs >= 0, "laser.stage1_epochs", self.stage1_epochs, "an integer >= 0")
+        _require(self.stage2_epochs >= 0, "laser.stage2_epochs", self.stage2_epochs, "an integer >= 0")
+        _require(self.stage1_epochs + self.stage2_epochs > 0, "laser.stage1_epochs", self.stage1_epochs,
+                 "at least one epoch in stage 1 or stage 2")
+        _require(self.lr > 0, "laser.lr", self.lr, "a positive number")
+        _require(self.weight_decay >= 0, "laser.weight_decay", self.weight_decay, "a number >= 0")
+        _require(0 <= self.warmup_ratio < 1, "laser.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
+        for name in ("batch_size", "grad_accumulation", "item_batch_size", "samples_per_user"):
+            _require(getattr(self, name) > 0, f"laser.{name}", getattr(self, name), "a positive integer")
+        _require(self.patience >= 0, "laser.patience", self.patience, "an integer >= 0")
+
+
 @dataclass
 class Config:
     """The whole configuration of a run."""
 
     sasrec: SASRecConfig = field(default_factory=SASRecConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    mformer: MFormerConfig = field(default_factory=MFormerConfig)
+    laser: LaserConfig = field(default_factory=LaserConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,9 +243,14 @@ def _check_type(value: object, hint: object, option: str) -> object:
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in allowed):
+    for t in allowed:
+        origin = typing.get_origin(t) or t
+        if not isinstance(value, origin) or (isinstance(value, bool) and origin is not bool):
+            continue
+        if origin is list and not all(isinstance(v, typing.get_args(t)[0]) for v in value):
+            continue
         return value
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    names = " or ".join(str(t) if typing.get_origin(t) else getattr(t, "__name__", str(t)) for t in allowed)
     raise ConfigError(f"{option} = {value!r} is invalid: expected {names}")
 
 

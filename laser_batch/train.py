@@ -115,7 +115,7 @@ def train_sasrec(
 
     ks = sorted({*DEFAULT_KS, *train_cfg.select_ks})
     best_score, best_epoch, best_state, best_metrics, stale = -1.0, 0, None, {}, 0
-    started = time.perf_counter()
+    started, stopped = time.perf_counter(), "epochs"
     for epoch in range(1, train_cfg.epochs + 1):
         epoch_start = time.perf_counter()
         loss = _train_epoch(model, optimizer, inputs, targets, rng, train_cfg.batch_size, progress, epoch)
@@ -135,12 +135,17 @@ def train_sasrec(
             stale += 1
             if stale >= train_cfg.patience:
                 logger.info("early stop: no better validation %s for %d epochs", train_cfg.select_metric, stale)
+                stopped = "patience"
                 break
+        if train_cfg.max_minutes and time.perf_counter() - started > 60 * train_cfg.max_minutes:
+            logger.info("time budget of %g minutes reached after epoch %d", train_cfg.max_minutes, epoch)
+            stopped = "max_minutes"
+            break
     train_seconds = time.perf_counter() - started
 
     model.load_state_dict(best_state)
     save_sasrec(writer.partial, model, sequences, {
-        "train": vars(train_cfg).copy(), "best_epoch": best_epoch, "epochs_run": epoch,
+        "train": vars(train_cfg).copy(), "best_epoch": best_epoch, "epochs_run": epoch, "stopped_by": stopped,
         "valid_metrics": best_metrics, "train_seconds": round(train_seconds, 2),
         "dropped_users": sequences.dropped_users, "drop_unknown_items": drop_unknown_items,
         "data_dir": str(Path(data_dir).resolve()),
