@@ -42,6 +42,7 @@ class Stage(str, Enum):
 
 class EvalModel(str, Enum):
     sasrec = "sasrec"
+    laser = "laser"
     popularity = "popularity"
 
 
@@ -127,30 +128,42 @@ def data_example(
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Option("--data", help="Data directory (see `laser-batch data`).")],
-    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    stage: Annotated[Stage, typer.Option("--stage", help="What to train.")] = Stage.sasrec,
+    data: Annotated[Path | None, typer.Option("--data", help="Data directory (see `laser-batch data`); "
+                                              "needed for the sasrec stage.")] = None,
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")] = ...,
+    stage: Annotated[Stage, typer.Option("--stage", help="sasrec, laser (on RUN_DIR/sasrec) or all.")] = Stage.sasrec,
+    llm: Annotated[str | None, typer.Option("--llm", help="Frozen LLM: 'tiny' (embedded), a hub id, a local "
+                                            "directory or a .gguf file. Overrides llm.source.")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="TOML config file.")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Override train.epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Override train.epochs (SASRec).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Override train.seed.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing stage.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted Laser stage.")] = False,
     drop_unknown_items: Annotated[bool, typer.Option(
         "--drop-unknown-items", help="Drop interactions whose item is missing from items.parquet.")] = False,
 ) -> None:
-    """Train a model stage and write it into the run directory."""
+    """Train SASRec (the frozen ID model) and/or Laser, writing RUN_DIR/sasrec and RUN_DIR/laser."""
     with _errors():
-        if stage is not Stage.sasrec:
-            raise LaserBatchError(f"--stage {stage.value}: Laser training is not part of this version yet; "
-                                  "use --stage sasrec")
         from laser_batch.config import load_config
-        from laser_batch.train import train_sasrec
 
-        cfg = load_config(config, train={"epochs": epochs, "seed": seed})
-        result = train_sasrec(data, out, cfg, overwrite=overwrite, drop_unknown_items=drop_unknown_items,
-                              progress=_progress)
-    metrics = " ".join(f"{k} {v:.4f}" for k, v in result.valid_metrics.items())
-    typer.echo(f"{result.checkpoint}: best epoch {result.best_epoch}/{result.epochs_run}, valid {metrics}, "
-               f"{result.train_seconds:.0f}s")
+        cfg = load_config(config, train={"epochs": epochs, "seed": seed}, llm={"source": llm})
+        if stage in (Stage.sasrec, Stage.all):
+            if data is None:
+                raise LaserBatchError(f"--stage {stage.value} needs --data DATA_DIR")
+            from laser_batch.train import train_sasrec
+
+            result = train_sasrec(data, out, cfg, overwrite=overwrite, drop_unknown_items=drop_unknown_items,
+                                  progress=_progress)
+            metrics = " ".join(f"{k} {v:.4f}" for k, v in result.valid_metrics.items())
+            typer.echo(f"{result.checkpoint}: best epoch {result.best_epoch}/{result.epochs_run}, valid {metrics}, "
+                       f"{result.train_seconds:.0f}s")
+        if stage in (Stage.laser, Stage.all):
+            from laser_batch.train_laser import train_laser
+
+            laser = train_laser(out, cfg, overwrite=overwrite, resume=resume, progress=_progress)
+            metrics = " ".join(f"{k} {v:.4f}" for k, v in laser.valid_metrics.items())
+            typer.echo(f"{laser.checkpoint}: best stage {laser.best_stage} epoch {laser.best_epoch}, valid {metrics}, "
+                       f"{laser.seconds_per_epoch:.0f}s/epoch, {laser.trainable_parameters} trained parameters")
 
 
 @app.command()

@@ -12,6 +12,7 @@ interrupted run never leaves a directory that looks like a finished checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
 SASREC_DIR = "sasrec"
+LASER_DIR = "laser"
+ITEM_MATRIX_FILE = "item_matrix.safetensors"
 CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, ITEM_MAP_FILE, USER_MAP_FILE)
 
 
@@ -65,13 +68,14 @@ def read_run_info(run_dir: Path) -> dict:
 class StageWriter:
     """Writes one stage of a run (e.g. RUN_DIR/sasrec) through a partial directory renamed on commit."""
 
-    def __init__(self, run_dir: Path, stage: str, *, overwrite: bool) -> None:
+    def __init__(self, run_dir: Path, stage: str, *, overwrite: bool, keep_partial: bool = False) -> None:
         self.final = Path(run_dir) / stage
         if self.final.exists() and not overwrite:
             raise InputError(f"{self.final}: already exists; pass --overwrite to replace it")
         self.partial = Path(run_dir) / f".{stage}.partial"
-        shutil.rmtree(self.partial, ignore_errors=True)
-        self.partial.mkdir(parents=True)
+        if not keep_partial:  # a leftover from an interrupted run, unless we resume from it
+            shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True, exist_ok=True)
 
     def append_metrics(self, record: dict) -> None:
         with open(self.partial / METRICS_FILE, "a") as f:
@@ -134,3 +138,54 @@ def load_sasrec(directory: Path):
     model = SASRec(from_dict(SASRecConfig, config["sasrec"], "sasrec"), config["num_items"])
     model.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE)))
     return model.eval(), config
+
+
+def save_laser(directory: Path, model, item_matrix, sequences, config, meta: dict) -> None:
+    """Only the trained weights, the item matrix (row j = item_ids.parquet row j), config.json and id maps."""
+    from safetensors.torch import save_file
+
+    save_file(model.trainable_state_dict(), str(directory / WEIGHTS_FILE))
+    save_file({"item_matrix": item_matrix.float().contiguous()}, str(directory / ITEM_MATRIX_FILE))
+    sequences.save_maps(directory)
+    record = {
+        "format_version": FORMAT_VERSION,
+        "kind": "laser",
+        "num_items": sequences.num_items,
+        "llm": model.llm.describe(),
+        **{section: dataclasses.asdict(getattr(config, section)) for section in ("laser", "mformer", "text")},
+        "llm_dtype": config.llm.dtype,
+        "created_by": f"laser-batch {__version__}",
+        **meta,
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def load_laser(run_dir: Path, *, llm=None):
+    """Rebuild a trained Laser from RUN_DIR/laser (and RUN_DIR/sasrec, and the LLM it names).
+
+    Returns (model in eval mode, item matrix (N, D), config dict). The LLM found must have the
+    fingerprint recorded at training time.
+    """
+    from safetensors.torch import load_file
+
+    from laser_batch.config import LaserConfig, LLMConfig, MFormerConfig
+    from laser_batch.llm import load_llm
+    from laser_batch.model import Laser
+
+    directory = Path(run_dir) / LASER_DIR
+    config = read_checkpoint_config(directory, "laser")
+    if not (directory / ITEM_MATRIX_FILE).is_file():
+        raise CheckpointError(f"{directory}: incomplete checkpoint, missing {ITEM_MATRIX_FILE}")
+    sasrec, _ = load_sasrec(Path(run_dir) / SASREC_DIR)
+    if llm is None:
+        llm = load_llm(LLMConfig(source=config["llm"]["source"], dtype=config["llm_dtype"]))
+    if llm.fingerprint != config["llm"]["fingerprint"]:
+        raise CheckpointError(
+            f"{directory}: trained with LLM {config['llm']['source']} of fingerprint "
+            f"{config['llm']['fingerprint'][:16]}, but the LLM found has {llm.fingerprint[:16]}"
+        )
+    model = Laser(from_dict(LaserConfig, config["laser"], "laser"), from_dict(MFormerConfig, config["mformer"],
+                                                                             "mformer"), llm, sasrec)
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    item_matrix = load_file(str(directory / ITEM_MATRIX_FILE))["item_matrix"]
+    return model.eval(), item_matrix, config

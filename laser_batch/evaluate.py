@@ -7,15 +7,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 from laser_batch.checkpoint import SASREC_DIR, read_checkpoint_config, read_run_info
+from laser_batch.config import TextConfig, from_dict
+from laser_batch.contracts import load_data_dir
 from laser_batch.errors import InputError
 from laser_batch.metrics import DEFAULT_KS, metrics_from_ranks, rank_targets
-from laser_batch.sequences import Sequences
+from laser_batch.sequences import Sequences, build_sequences
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("sasrec", "popularity")
+MODELS = ("sasrec", "laser", "popularity")
 
 
 def popularity_scorer(histories: Sequence[np.ndarray], num_items: int) -> Callable[[list], np.ndarray]:
@@ -56,14 +59,13 @@ def evaluate_run(
     data_dir = Path(data_dir) if data_dir is not None else Path(info["data_dir"])
     checkpoint = Path(run_dir) / SASREC_DIR
     drop_unknown = False
-    if model == "sasrec":
+    if model in ("sasrec", "laser"):
         drop_unknown = read_checkpoint_config(checkpoint, "sasrec").get("drop_unknown_items", False)
 
-    from laser_batch.train import sequences_for  # torch is needed from here on
-
-    sequences = sequences_for(data_dir, drop_unknown_items=drop_unknown)
+    dataset = load_data_dir(data_dir, drop_unknown_items=drop_unknown)
+    sequences = build_sequences(dataset.interactions)
     histories, targets = sequences.split(split)
-    scorer = _scorer(model, checkpoint, sequences, histories)
+    scorer = _scorer(model, Path(run_dir), sequences, histories, dataset.items)
     ranks = rank_targets(scorer, histories, targets, exclude_history=exclude_history, batch_size=batch_size)
     return {
         "model": model,
@@ -74,12 +76,21 @@ def evaluate_run(
     }
 
 
-def _scorer(model: str, checkpoint: Path, sequences: Sequences, histories: list[np.ndarray]):
+def _scorer(model: str, run_dir: Path, sequences: Sequences, histories: list[np.ndarray], items: pl.DataFrame):
     if model == "popularity":
         return popularity_scorer(histories, sequences.num_items)
+    if model == "laser":
+        from laser_batch.checkpoint import LASER_DIR, load_laser
+        from laser_batch.encode import laser_inputs, laser_scorer
+
+        laser, item_matrix, config = load_laser(run_dir)
+        sequences.check_maps(run_dir / LASER_DIR)
+        inputs = laser_inputs(laser.llm, items, sequences, from_dict(TextConfig, config["text"], "text"),
+                              laser.sasrec.config.max_len)
+        return laser_scorer(laser, inputs, item_matrix, batch_size=config["laser"]["item_batch_size"])
     from laser_batch.checkpoint import load_sasrec
     from laser_batch.train import sasrec_scores
 
-    sasrec, _ = load_sasrec(checkpoint)
-    sequences.check_maps(checkpoint)
+    sasrec, _ = load_sasrec(run_dir / SASREC_DIR)
+    sequences.check_maps(run_dir / SASREC_DIR)
     return lambda batch: sasrec_scores(sasrec, batch)

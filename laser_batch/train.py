@@ -17,7 +17,7 @@ from laser_batch.config import Config
 from laser_batch.contracts import load_data_dir
 from laser_batch.metrics import DEFAULT_KS, metrics_from_ranks, rank_targets
 from laser_batch.sasrec import SASRec
-from laser_batch.sequences import Sequences, build_sequences, pad_left
+from laser_batch.sequences import build_sequences, pad_left
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Progress(Protocol):
     def __call__(self, *, total: int, desc: str) -> Any: ...
 
 
-class _NoProgress:
+class NoProgress:
     def __init__(self, *, total: int, desc: str) -> None: ...
 
     def update(self, n: int = 1) -> None: ...
@@ -79,7 +79,7 @@ def train_sasrec(
     *,
     overwrite: bool = False,
     drop_unknown_items: bool = False,
-    progress: Progress = _NoProgress,
+    progress: Progress = NoProgress,
 ) -> TrainResult:
     """Train SASRec on a data directory and write RUN_DIR/sasrec (best validation epoch).
 
@@ -194,9 +194,3 @@ def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generato
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def sequences_for(data_dir: Path, *, drop_unknown_items: bool = False) -> Sequences:
-    """The sequences a run trained on, rebuilt deterministically from its data directory."""
-    dataset = load_data_dir(data_dir, drop_unknown_items=drop_unknown_items)
-    return build_sequences(dataset.interactions)

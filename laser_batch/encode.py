@@ -1,0 +1,86 @@
+"""Batched, no-grad encoding of users and items with a Laser model (training-time re-encoding and evaluation).
+
+Batches are grouped by text length so that little of the LLM's work is spent on padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import torch
+
+from laser_batch.config import TextConfig
+from laser_batch.model import Laser
+from laser_batch.sequences import Sequences, pad_left
+from laser_batch.text import TextEncoder
+
+
+@dataclass
+class LaserInputs:
+    """Turns histories of internal item ids into the three tensors Laser takes."""
+
+    text: TextEncoder
+    sasrec_max_len: int
+
+    def users(self, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(id_history (B, S), input_ids (B, T), attention_mask (B, T)) for user histories (oldest first)."""
+        width = min(self.sasrec_max_len, max(len(h) for h in histories))
+        input_ids, attention_mask = self.text.encode_users(histories)
+        return (torch.from_numpy(pad_left(list(histories), width)), torch.from_numpy(input_ids),
+                torch.from_numpy(attention_mask))
+
+    def items(self, item_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same for items: each item is a one-item history (its M-Former input is its own SASRec vector)."""
+        input_ids, attention_mask = self.text.encode_items(item_ids)
+        return (torch.from_numpy(np.asarray(item_ids, dtype=np.int64)[:, None]), torch.from_numpy(input_ids),
+                torch.from_numpy(attention_mask))
+
+
+def laser_inputs(llm, items: pl.DataFrame, sequences: Sequences, text_config: TextConfig, sasrec_max_len: int):
+    """LaserInputs for a catalogue: `items` is items.parquet, put into the internal-id order of `sequences`."""
+    ordered = pl.DataFrame({"item_id": sequences.item_ids}).join(items, on="item_id", how="left", maintain_order="left")
+    text = TextEncoder(llm.tokenizer.backend_tokenizer, ordered, text_config, pad_id=llm.tokenizer.pad_token_id)
+    return LaserInputs(text, sasrec_max_len)
+
+
+def _by_length(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    order = np.argsort(lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def encode_items(model: Laser, inputs: LaserInputs, num_items: int, *, batch_size: int, progress=None) -> torch.Tensor:
+    """Embeddings of every catalogue item: (N, D) float32, L2-normalised, row j = internal item j + 1."""
+    was_training = model.training
+    model.eval()
+    item_ids = np.arange(1, num_items + 1)
+    out = torch.empty(num_items, model.llm.hidden_size)
+    lengths = inputs.text.lengths([np.array([i]) for i in item_ids])
+    for rows in _by_length(lengths, batch_size):
+        out[rows] = model(*inputs.items(item_ids[rows]))[0]
+        if progress is not None:
+            progress.update(len(rows))
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def encode_users(
+    model: Laser, inputs: LaserInputs, histories: Sequence[np.ndarray], *, batch_size: int
+) -> torch.Tensor:
+    """Embeddings of users from their histories: (B, D) float32, L2-normalised, in input order."""
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(histories), model.llm.hidden_size)
+    for rows in _by_length(inputs.text.lengths(histories), batch_size):
+        out[rows] = model(*inputs.users([histories[r] for r in rows]))[0]
+    model.train(was_training)
+    return out
+
+
+def laser_scorer(model: Laser, inputs: LaserInputs, item_matrix: torch.Tensor, *, batch_size: int):
+    """A `score_batch` for metrics.rank_targets: cosine of each user with every item, (B, N)."""
+    return lambda histories: (encode_users(model, inputs, histories, batch_size=batch_size) @ item_matrix.T).numpy()

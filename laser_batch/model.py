@@ -1,0 +1,110 @@
+"""Laser: Bi-Tuning around a frozen LLM.
+
+LLM input = [prefix (L vectors from the M-Former over frozen SASRec vectors)] + embed(text) + [suffix];
+the last-layer hidden state at the (last) suffix position, L2-normalised, is the user or item embedding.
+Users and items share the path: an item is a one-item history and its M-Former input is its own
+SASRec vector. Only the M-Former (or a free prefix) and the suffix are trained.
+
+The frozen LLM and SASRec are held outside the module tree, so they are never trained, never switched
+to train mode and never saved with our weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from laser_batch.config import LaserConfig, MFormerConfig
+from laser_batch.llm import FrozenLLM
+from laser_batch.mformer import MFormer
+from laser_batch.sasrec import SASRec
+
+
+class Laser(nn.Module):
+    def __init__(self, config: LaserConfig, mformer_config: MFormerConfig, llm: FrozenLLM, sasrec: SASRec) -> None:
+        super().__init__()
+        self.config = config
+        self.mformer_config = mformer_config
+        self._frozen = (llm, sasrec.eval().requires_grad_(False))  # a tuple: not registered as submodules
+        width = llm.hidden_size
+        token_scale = llm.embed(torch.arange(min(1024, llm.tokenizer.vocab_size))).float().std().item()
+        if config.prefix == "mformer":
+            self.mformer = MFormer(mformer_config, sasrec.config.hidden_size, width)
+        elif config.prefix == "free":  # the "no collaborative prefix" ablation: same length, no ID input
+            self.free_prefix = nn.Parameter(torch.randn(mformer_config.num_queries, width) * token_scale)
+        if config.pooling == "suffix":
+            eos = llm.embed(torch.tensor([self.eos_id])).float()  # start from the EOS token's embedding
+            self.suffix = nn.Parameter(eos.repeat(config.num_suffix_tokens, 1).clone())
+
+    @property
+    def llm(self) -> FrozenLLM:
+        return self._frozen[0]
+
+    @property
+    def sasrec(self) -> SASRec:
+        return self._frozen[1]
+
+    @property
+    def eos_id(self) -> int:
+        tokenizer = self.llm.tokenizer
+        return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+
+    @property
+    def id_window(self) -> int:
+        return self.mformer_config.id_window
+
+    def forward(
+        self, id_history: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed users (or items, as one-item histories).
+
+        Args:
+            id_history: (B, S) internal item ids, left-padded with 0, the SASRec input (S <= SASRec max_len).
+            input_ids: (B, T) token ids of the template text, left-padded.
+            attention_mask: (B, T) 1 for real tokens.
+
+        Returns:
+            (embeddings (B, D) float32, L2-normalised; load-balancing loss, a scalar (0 without an M-Former)).
+        """
+        batch = input_ids.shape[0]
+        ones = attention_mask.new_ones
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (embeddings (B, n, D), mask (B, n)) in input order
+        lb_loss = torch.zeros((), device=input_ids.device)
+        if self.config.prefix == "mformer":
+            with torch.no_grad():
+                id_vectors = self.sasrec(id_history)[:, -self.id_window:]  # (B, N, d_id): the last N positions
+            out = self.mformer(id_vectors, id_history[:, -self.id_window:] != 0)
+            parts.append((out.prefix, ones(batch, out.prefix.shape[1])))
+            lb_loss = out.lb_loss
+        elif self.config.prefix == "free":
+            parts.append((self.free_prefix.expand(batch, -1, -1), ones(batch, self.free_prefix.shape[0])))
+        parts.append((self.llm.embed(input_ids), attention_mask))  # (B, T, D)
+        if self.config.pooling == "suffix":
+            parts.append((self.suffix.expand(batch, -1, -1), ones(batch, self.suffix.shape[0])))
+        elif self.config.pooling == "eos":  # the untrained-EOS ablation
+            eos = torch.full((batch, 1), self.eos_id, device=input_ids.device)
+            parts.append((self.llm.embed(eos), ones(batch, 1)))
+        embeds = torch.cat([p.to(self.llm.model.dtype) for p, _ in parts], dim=1)  # (B, P + T + S, D)
+        mask = torch.cat([m for _, m in parts], dim=1)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # padding in the middle does not shift positions
+        hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).float()
+        if self.config.pooling == "mean":
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        else:
+            pooled = hidden[:, -1]  # the (last) suffix or EOS position sees everything
+        return F.normalize(pooled, dim=-1), lb_loss
+
+    def loss(
+        self, users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, lb_loss: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy of cosine / tau over the whole catalogue + lambda * load-balancing loss.
+
+        users: (B, D) normalised; items: (N, D) normalised (row j = internal item j + 1); targets: (B,) in 1..N.
+        """
+        logits = users @ items.T / self.config.temperature  # (B, N)
+        return F.cross_entropy(logits, targets - 1) + self.config.lb_weight * lb_loss
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Exactly the trained weights (what a checkpoint stores)."""
+        return {name: p.detach().contiguous() for name, p in self.named_parameters() if p.requires_grad}
