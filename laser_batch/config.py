@@ -185,6 +185,8 @@ class LaserConfig:
     def __post_init__(self) -> None:
         _require(self.prefix in PREFIX_KINDS, "laser.prefix", self.prefix, f"one of {', '.join(PREFIX_KINDS)}")
         _require(self.pooling in POOLINGS, "laser.pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
+        _require(self.prefix != "none" or self.pooling == "suffix", "laser.pooling", self.pooling,
+                 "'suffix' when laser.prefix = 'none' (otherwise nothing is trained)")
         _require(self.num_suffix_tokens > 0, "laser.num_suffix_tokens", self.num_suffix_tokens, "a positive integer")
         _require(self.temperature > 0, "laser.temperature", self.temperature, "a positive number")
         _require(self.lb_weight >= 0, "laser.lb_weight", self.lb_weight, "a number >= 0")

@@ -1,0 +1,225 @@
+"""Laser on the embedded tiny LLM and a small slice of the example data (seconds per test)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from laser_batch.checkpoint import load_laser
+from laser_batch.config import LLMConfig, load_config
+from laser_batch.encode import encode_items, encode_users
+from laser_batch.errors import CheckpointError, ConfigError
+from laser_batch.llm import load_llm
+from laser_batch.train import train_sasrec
+from laser_batch.train_laser import build_laser, train_laser
+
+SMALL = {
+    "sasrec": {"hidden_size": 16, "max_len": 12, "dropout": 0.1},
+    "train": {"epochs": 3, "batch_size": 16, "lr": 0.01, "threads": 1},
+    "mformer": {"num_experts": 4, "num_queries": 4, "hidden_size": 32, "num_blocks": 2, "num_heads": 2},
+    "text": {"max_history_items": 4, "max_text_tokens": 96},
+    "laser": {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 16, "lr": 0.003, "item_batch_size": 32},
+}
+
+
+def small_config(**sections):
+    merged = {k: {**v, **sections.get(k, {})} for k, v in SMALL.items()}
+    return load_config(None, **merged)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return load_llm(LLMConfig(source="tiny"))
+
+
+@pytest.fixture(scope="module")
+def sasrec_run(tmp_path_factory):
+    from laser_batch.examples.synthetic import write_example
+
+    root = tmp_path_factory.mktemp("laser")
+    write_example(root / "data", users=120, items=60, seed=3)
+    train_sasrec(root / "data", root / "run", small_config())
+    return root / "run"
+
+
+def _copy_run(sasrec_run, tmp_path):
+    import shutil
+
+    shutil.copytree(sasrec_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_user_and_item_embeddings_are_unit_vectors(sasrec_run, llm):
+    model, inputs, sequences = build_laser(small_config(), sasrec_run, llm)
+    histories, _ = sequences.split("valid")
+    users = encode_users(model, inputs, histories[:5], batch_size=2)
+    items = encode_items(model, inputs, sequences.num_items, batch_size=16)
+    assert users.shape == (5, llm.hidden_size) and items.shape == (sequences.num_items, llm.hidden_size)
+    torch.testing.assert_close(users.norm(dim=-1), torch.ones(5))
+    torch.testing.assert_close(items.norm(dim=-1), torch.ones(sequences.num_items))
+
+
+def test_a_user_embeds_the_same_alone_and_in_a_padded_batch(sasrec_run, llm):
+    model, inputs, sequences = build_laser(small_config(), sasrec_run, llm)
+    model.eval()
+    histories, _ = sequences.split("test")
+    short, long = min(histories, key=len), max(histories, key=len)
+    alone = model(*inputs.users([short]))[0]
+    batched = model(*inputs.users([long, short]))[0][1:]
+    torch.testing.assert_close(alone, batched, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sections, expected", [
+    ({}, {"suffix", "mformer.queries", "mformer.router.weight", "mformer.router.bias"}),
+    ({"laser": {"prefix": "free"}}, {"suffix", "free_prefix"}),
+    ({"laser": {"prefix": "none"}}, {"suffix"}),
+    ({"laser": {"pooling": "mean", "prefix": "free"}}, {"free_prefix"}),
+])
+def test_exact_trainable_parameters(sasrec_run, llm, sections, expected):
+    model, _, _ = build_laser(small_config(**sections), sasrec_run, llm)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert expected <= names
+    assert all(n in expected or n.startswith("mformer.") for n in names)
+    assert set(model.trainable_state_dict()) == names
+    if sections.get("laser", {}).get("prefix") != "mformer" and "prefix" in sections.get("laser", {}):
+        assert names == expected
+
+
+def test_training_steps_lower_the_loss_and_leave_llm_and_sasrec_bitwise_unchanged(sasrec_run, llm):
+    torch.manual_seed(0)
+    model, inputs, sequences = build_laser(small_config(laser={"lr": 0.01}), sasrec_run, llm)
+    frozen_before = {**{f"llm.{k}": v.clone() for k, v in llm.model.state_dict().items()},
+                     **{f"sasrec.{k}": v.clone() for k, v in model.sasrec.state_dict().items()}}
+    items = encode_items(model, inputs, sequences.num_items, batch_size=32)
+    histories = [s[:-3] for s in sequences.seqs][:32]
+    targets = torch.tensor([s[-3] for s in sequences.seqs][:32])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    model.eval()  # no dropout, so the loss is comparable
+    losses = []
+    for _ in range(8):
+        users, lb = model(*inputs.users(histories))
+        loss = model.loss(users, items, targets, lb)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.2
+    after = {**{f"llm.{k}": v for k, v in llm.model.state_dict().items()},
+             **{f"sasrec.{k}": v for k, v in model.sasrec.state_dict().items()}}
+    assert all(torch.equal(frozen_before[k], after[k]) for k in frozen_before)
+    assert not any(p.requires_grad for p in llm.model.parameters())
+    assert not llm.model.training and not model.sasrec.training
+
+
+def test_train_writes_only_trained_weights_and_reloads_identically(sasrec_run, llm, tmp_path):
+    run = _copy_run(sasrec_run, tmp_path)
+    result = train_laser(run, small_config(), llm=llm)
+    files = sorted(p.name for p in (run / "laser").iterdir())
+    assert files == ["config.json", "item_ids.parquet", "item_matrix.safetensors", "metrics.jsonl",
+                     "model.safetensors", "user_ids.parquet"]
+    config = json.loads((run / "laser" / "config.json").read_text())
+    assert config["llm"]["source"] == "tiny" and config["llm"]["fingerprint"] == llm.fingerprint
+    assert config["trainable_parameters"] == result.trainable_parameters
+    lines = [json.loads(x) for x in (run / "laser" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in lines] == [(1, 1), (2, 1)]
+
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run / "laser" / "model.safetensors"))
+    assert not any(k.startswith(("llm", "sasrec")) for k in saved)
+    model, item_matrix, _ = load_laser(run, llm=llm)
+    again, item_matrix_again, _ = load_laser(run, llm=llm)
+    _, inputs, sequences = build_laser(small_config(), run, llm)
+    histories, _ = sequences.split("test")
+    torch.testing.assert_close(encode_users(model, inputs, histories, batch_size=8),
+                               encode_users(again, inputs, histories, batch_size=8), rtol=0, atol=0)
+    torch.testing.assert_close(item_matrix, item_matrix_again, rtol=0, atol=0)
+    assert item_matrix.shape == (sequences.num_items, llm.hidden_size)
+
+
+def test_a_different_llm_is_refused_on_load(sasrec_run, llm, tmp_path):
+    from laser_batch.llm import build_tiny_llm
+
+    run = _copy_run(sasrec_run, tmp_path)
+    train_laser(run, small_config(laser={"stage2_epochs": 0}), llm=llm)
+    with pytest.raises(CheckpointError, match="fingerprint"):
+        load_laser(run, llm=build_tiny_llm("llama", seed=123, tokenizer=llm.tokenizer))
+
+
+@pytest.mark.parametrize("sections", [
+    {"mformer": {"num_experts": 1}},                 # no MoE
+    {"mformer": {"top_k": 2}},                        # soft top-k routing
+    {"laser": {"prefix": "free"}},                    # no collaborative prefix
+    {"laser": {"prefix": "none"}},                    # no prefix
+    {"laser": {"pooling": "mean"}},
+    {"laser": {"pooling": "eos"}},
+    {"laser": {"stage1_epochs": 0, "stage2_epochs": 1}},  # skip stage 1
+    {"laser": {"stage1_epochs": 1, "stage2_epochs": 0}},  # skip stage 2
+])
+def test_ablations_train_and_evaluate(sasrec_run, llm, tmp_path, sections):
+    from laser_batch.evaluate import evaluate_run
+
+    run = _copy_run(sasrec_run, tmp_path)
+    result = train_laser(run, small_config(**sections), llm=llm)
+    stages = json.loads((run / "laser" / "config.json").read_text())
+    expected_stages = {1 for _ in range(stages["laser"]["stage1_epochs"] > 0)} | {
+        2 for _ in range(stages["laser"]["stage2_epochs"] > 0)}
+    lines = [json.loads(x) for x in (run / "laser" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in lines} == expected_stages
+    assert result.best_stage in expected_stages
+    evaluation = evaluate_run(run, model="laser", split="test")
+    assert evaluation["users"] == 120 and 0.0 <= evaluation["metrics"]["HR@10"] <= 1.0
+
+
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(sasrec_run, llm, tmp_path, monkeypatch):
+    import laser_batch.train_laser as tl
+
+    config = small_config(laser={"stage1_epochs": 2, "stage2_epochs": 1})
+    straight = train_laser(_copy_run(sasrec_run, tmp_path / "a"), config, llm=llm)
+
+    run = _copy_run(sasrec_run, tmp_path / "b")
+    real_epoch, calls = tl._train_epoch, []
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(tl, "_train_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_laser(run, config, llm=llm)
+    assert not (run / "laser").exists() and (run / ".laser.partial" / "resume.pt").exists()
+    monkeypatch.setattr(tl, "_train_epoch", real_epoch)
+    resumed = train_laser(run, config, llm=llm, resume=True)
+    assert resumed.valid_metrics == pytest.approx(straight.valid_metrics, abs=1e-9)
+    lines = [json.loads(x) for x in (run / "laser" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["epoch"]) for r in lines] == [(1, 1), (1, 2), (2, 1)]
+
+
+def test_nothing_to_train_is_a_config_error():
+    with pytest.raises(ConfigError, match="laser.pooling"):
+        small_config(laser={"prefix": "none", "pooling": "mean"})
+
+
+def test_sasrec_stage_is_required(tmp_path, llm):
+    from laser_batch.checkpoint import write_run_info
+    from laser_batch.examples.synthetic import write_example
+
+    write_example(tmp_path / "data", users=30, items=30)
+    write_run_info(tmp_path / "run", tmp_path / "data")
+    with pytest.raises(CheckpointError, match="train the sasrec stage first"):
+        train_laser(tmp_path / "run", small_config(), llm=llm)
+
+
+def test_scores_rank_items_by_cosine(sasrec_run, llm):
+    from laser_batch.encode import laser_scorer
+
+    model, inputs, sequences = build_laser(small_config(), sasrec_run, llm)
+    items = encode_items(model, inputs, sequences.num_items, batch_size=32)
+    histories, _ = sequences.split("test")
+    scores = laser_scorer(model, inputs, items, batch_size=8)(histories[:3])
+    users = encode_users(model, inputs, histories[:3], batch_size=8)
+    np.testing.assert_allclose(scores, (users @ items.T).numpy(), rtol=1e-6)
+    assert scores.max() <= 1.0 + 1e-5
