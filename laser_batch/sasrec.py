@@ -1,9 +1,9 @@
 """SASRec: causal self-attention over item-id sequences (Kang & McAuley, 2018).
 
 Written with `F.scaled_dot_product_attention` and explicit boolean masks so that the model exports to
-ONNX with dynamic batch and length. Sequences are left-padded with item 0. Positions count from the
-first real item of each sequence, so the output at a real position does not depend on how much
-padding precedes it.
+ONNX with dynamic batch and length. Sequences are left-padded with item 0. Positions count back from
+the most recent item (as in the original model), so the output at a real position does not depend on
+how much padding precedes it.
 """
 
 from __future__ import annotations
@@ -32,15 +32,17 @@ class SelfAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key_value = nn.Linear(hidden_size, 2 * hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, D), mask: (B, T, T) bool -> (B, T, D)."""
-        batch, length, width = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, width // self.num_heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+    def forward(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """queries, keys: (B, T, D), mask: (B, T, T) bool -> (B, T, D)."""
+        batch, length, width = queries.shape
+        heads = (batch, length, self.num_heads, width // self.num_heads)
+        q = self.query(queries).view(heads).transpose(1, 2)  # (B, H, T, Dh)
+        k, v = (t.reshape(heads).transpose(1, 2) for t in self.key_value(keys).chunk(2, dim=-1))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask[:, None], dropout_p=self.dropout if self.training else 0.0
         )
@@ -48,7 +50,10 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + ffn(ln(x))."""
+    """The original SASRec block: queries from LayerNorm(x), keys and values from x; then a point-wise FFN.
+
+    x <- LN(x) + attn(LN(x), x); x <- LN'(x) + ffn(LN'(x)), as in Kang & McAuley's code.
+    """
 
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
@@ -59,11 +64,11 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(d, d), nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(d, d), nn.Dropout(config.dropout)
         )
-        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), mask))
-        return x + self.ffn(self.ffn_norm(x))
+        q = self.attn_norm(x)
+        x = self.ffn_norm(q + self.attn(q, x, mask))
+        return x + self.ffn(x)
 
 
 class SASRec(nn.Module):
@@ -79,7 +84,7 @@ class SASRec(nn.Module):
         self.num_items = num_items
         d = config.hidden_size
         self.item_embedding = nn.Embedding(num_items + 1, d, padding_idx=0)
-        self.position_embedding = nn.Embedding(config.max_len, d)
+        self.position_embedding = nn.Embedding(config.max_len + 1, d, padding_idx=0)
         self.embedding_dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_blocks))
         self.final_norm = nn.LayerNorm(d, eps=1e-8)
@@ -88,13 +93,23 @@ class SASRec(nn.Module):
     def forward(self, item_ids: torch.Tensor) -> torch.Tensor:
         """item_ids: (B, T) int64, left-padded with 0 -> (B, T, D); padded positions are zero."""
         valid = item_ids != 0  # (B, T)
-        positions = (valid.cumsum(1) - 1).clamp(0, self.config.max_len - 1)  # (B, T), 0 at the first real item
+        positions = self.positions(valid)
         x = self.item_embedding(item_ids) * math.sqrt(self.config.hidden_size) + self.position_embedding(positions)
         x = self.embedding_dropout(x) * valid[..., None]
         mask = attention_mask(valid)
         for block in self.blocks:
             x = block(x, mask) * valid[..., None]
         return self.final_norm(x) * valid[..., None]
+
+    def positions(self, valid: torch.Tensor) -> torch.Tensor:
+        """Position ids (B, T) counted back from the most recent item: max_len for it, one less per step back.
+
+        As in the original SASRec, where left-padded sequences of length max_len put the most recent item at
+        the last position; counting from the end keeps that meaning for shorter (trimmed) batches, and the
+        amount of left padding never changes a real position's id. Padding gets 0 (a zero embedding).
+        """
+        from_end = valid.flip(1).cumsum(1).flip(1)  # (B, T): 1 for the most recent item, 2 for the one before, ...
+        return torch.where(valid, (self.config.max_len + 1 - from_end).clamp(min=1), 0)
 
     def item_vectors(self) -> torch.Tensor:
         """Output embeddings of the real items 1..N: (N, D); row j scores item j + 1."""
