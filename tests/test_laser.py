@@ -70,20 +70,36 @@ def test_a_user_embeds_the_same_alone_and_in_a_padded_batch(sasrec_run, llm):
     torch.testing.assert_close(alone, batched, atol=1e-5, rtol=1e-5)
 
 
+MFORMER_PARAMETERS = {
+    "mformer.queries", "mformer.router.weight", "mformer.router.bias",
+    "mformer.input_proj.0.weight", "mformer.input_proj.0.bias", "mformer.input_proj.1.weight",
+    "mformer.input_proj.1.bias", "mformer.final_norm.weight", "mformer.final_norm.bias", "mformer.out_proj.weight",
+    "mformer.out_proj.bias",
+}
+
+
 @pytest.mark.parametrize("sections, expected", [
-    ({}, {"suffix", "mformer.queries", "mformer.router.weight", "mformer.router.bias"}),
     ({"laser": {"prefix": "free"}}, {"suffix", "free_prefix"}),
     ({"laser": {"prefix": "none"}}, {"suffix"}),
     ({"laser": {"pooling": "mean", "prefix": "free"}}, {"free_prefix"}),
+    ({"laser": {"pooling": "eos", "prefix": "free"}}, {"free_prefix"}),
 ])
-def test_exact_trainable_parameters(sasrec_run, llm, sections, expected):
+def test_exact_trainable_parameters_of_the_ablations(sasrec_run, llm, sections, expected):
     model, _, _ = build_laser(small_config(**sections), sasrec_run, llm)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    assert set(model.trainable_state_dict()) == expected
+
+
+def test_exact_trainable_parameters_of_laser(sasrec_run, llm):
+    model, _, _ = build_laser(small_config(), sasrec_run, llm)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert expected <= names
-    assert all(n in expected or n.startswith("mformer.") for n in names)
+    blocks = {n for n in names if n.startswith("mformer.blocks.")}
+    assert names == {"suffix"} | MFORMER_PARAMETERS | blocks
+    # two blocks with cross-attention every 2nd: only block 0 cross-attends
+    assert any(n.startswith("mformer.blocks.0.cross") for n in blocks)
+    assert not any(n.startswith("mformer.blocks.1.cross") for n in blocks)
     assert set(model.trainable_state_dict()) == names
-    if sections.get("laser", {}).get("prefix") != "mformer" and "prefix" in sections.get("laser", {}):
-        assert names == expected
+    assert all(p.requires_grad for p in model.parameters())  # frozen parts are outside the module tree
 
 
 def test_training_steps_lower_the_loss_and_leave_llm_and_sasrec_bitwise_unchanged(sasrec_run, llm):
@@ -223,3 +239,27 @@ def test_scores_rank_items_by_cosine(sasrec_run, llm):
     users = encode_users(model, inputs, histories[:3], batch_size=8)
     np.testing.assert_allclose(scores, (users @ items.T).numpy(), rtol=1e-6)
     assert scores.max() <= 1.0 + 1e-5
+
+
+def test_cli_trains_all_stages_and_evaluates_laser(tmp_path):
+    from typer.testing import CliRunner
+
+    from laser_batch.cli import app
+    from laser_batch.examples.synthetic import write_example
+
+    write_example(tmp_path / "data", users=80, items=40, seed=5)
+    config = tmp_path / "small.toml"
+    config.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
+                                for section, values in SMALL.items()).replace("'", '"'))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--stage", "all", "--data", str(tmp_path / "data"), "--out",
+                                 str(tmp_path / "run"), "--llm", "tiny", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "best stage" in result.output and (tmp_path / "run" / "laser" / "model.safetensors").exists()
+    out = tmp_path / "laser.json"
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--model", "laser", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(out.read_text())
+    assert record["model"] == "laser" and record["users"] == 80 and "MRR" in record["metrics"]
+    result = runner.invoke(app, ["train", "--stage", "laser", "--out", str(tmp_path / "run"), "--config", str(config)])
+    assert result.exit_code == 2 and "laser: already exists; pass --overwrite" in result.output
