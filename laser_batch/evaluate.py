@@ -41,7 +41,7 @@ def evaluate_run(
 
     Args:
         run_dir: a run directory written by `train`.
-        model: "sasrec" or "popularity" (counts over the histories of the split).
+        model: "sasrec", "laser" or "popularity" (counts over the histories of the split).
         split: "valid" (second last item) or "test" (last item).
         ks: cut-offs for HR@K and NDCG@K.
         exclude_history: rank items already in a user's history last (the published protocol).
