@@ -39,8 +39,15 @@ PUBLISHED = {
 }
 
 
-# Beauty must train within 15 minutes on the 2-core development machine: a hard budget with margin.
-TIME_BUDGET_MINUTES = {"Beauty": 14.0}
+# Per-dataset changes to benchmarks/configs/sasrec_s3rec.toml, each with its reason:
+# - Beauty must train within 15 minutes on the 2-core development machine: a hard budget with margin.
+# - LastFM has 1,090 users: batches of 128 give 9 steps an epoch and a noisy validation score, so the
+#   shared patience of 8 epochs stopped it after 18 epochs (test HR@10 0.041, below popularity). Smaller
+#   batches and a longer patience let it train.
+OVERRIDES = {
+    "Beauty": {"train": {"max_minutes": 14.0}},
+    "LastFM": {"train": {"batch_size": 32, "patience": 30}},
+}
 
 
 def machine() -> dict:
@@ -60,7 +67,7 @@ def machine() -> dict:
 def run_dataset(name: str, data_root: Path, work: Path, config_path: Path) -> dict:
     data_dir, run_dir = work / name / "data", work / name / "run"
     card = convert("s3rec", [data_root / f"{name}.txt"], data_dir)
-    config = load_config(config_path, train={"max_minutes": TIME_BUDGET_MINUTES.get(name)})
+    config = load_config(config_path, **OVERRIDES.get(name, {}))
     result = train_sasrec(data_dir, run_dir, config, overwrite=True)
     evaluations = {
         model: {split: evaluate_run(run_dir, model=model, split=split)["metrics"] for split in ("valid", "test")}
@@ -78,6 +85,7 @@ def run_dataset(name: str, data_root: Path, work: Path, config_path: Path) -> di
         "train_seconds": round(result.train_seconds, 1),
         "published": PUBLISHED.get(name, {}),
         "config": config.to_dict(),
+        "overrides": OVERRIDES.get(name, {}),
     }
 
 
