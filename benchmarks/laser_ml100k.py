@@ -1,0 +1,103 @@
+"""Laser vs SASRec vs popularity (+ ablations) on MovieLens-100K with a real LLM, full ranking, test split.
+
+    python benchmarks/laser_ml100k.py [--llm PATH_OR_ID] [--model laser --model laser_no_prefix ...]
+
+Fetches ML-100K (../shared/tools/fetch-ml100k.sh) and, by default, SmolLM2-135M (GGUF,
+../shared/tools/fetch-smollm2.sh) at run time; converts, trains SASRec once, then one Laser run per
+model variant with benchmarks/configs/laser_ml100k.toml. Resumable: each finished model is stored in
+benchmarks/results/laser_ml100k.json as soon as it ends and skipped on the next start; an interrupted
+Laser run continues from its last epoch (train --resume).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sasrec_s3rec import machine
+
+from laser_batch.config import load_config
+from laser_batch.convert import convert
+from laser_batch.evaluate import evaluate_run
+from laser_batch.train import train_sasrec
+from laser_batch.train_laser import train_laser
+
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared"
+VARIANTS = {  # model name -> config changes (DESIGN.md ablations)
+    "laser": {},
+    "laser_no_prefix": {"laser": {"prefix": "none"}},
+    "laser_no_moe": {"mformer": {"num_experts": 1}},
+}
+METRICS = ("HR@10", "NDCG@10", "MRR")
+
+
+def fetch(script: str, target: Path) -> Path:
+    subprocess.run(["bash", str(SHARED / "tools" / script), str(target)], check=True, capture_output=True)
+    return target
+
+
+def save(results_path: Path, record: dict) -> None:
+    tmp = results_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(results_path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llm", help="LLM source; default: SmolLM2-135M-Instruct GGUF fetched at run time")
+    parser.add_argument("--model", action="append", choices=["popularity", "sasrec", *VARIANTS])
+    parser.add_argument("--work", type=Path, default=HERE / "work" / "ml100k")
+    parser.add_argument("--config", type=Path, default=HERE / "configs" / "laser_ml100k.toml")
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "laser_ml100k.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    work = args.work
+    llm = args.llm or str(next(fetch("fetch-smollm2.sh", work / "smollm2").glob("*.gguf")))
+    raw = fetch("fetch-ml100k.sh", work / "raw")
+    data = work / "data"
+    if not (data / "card.json").exists():
+        convert("recbole", [raw / "ml-100k.inter", raw / "ml-100k.item"], data)
+    config = load_config(args.config, llm={"source": llm})
+    record = json.loads(args.results.read_text()) if args.results.exists() else {"models": {}}
+    record.update(config=config.to_dict(), variants=VARIANTS, machine=machine(),
+                  command=" ".join([Path(sys.executable).name, *sys.argv]))
+    base = work / "run"
+    if not (base / "sasrec" / "config.json").exists():
+        train_sasrec(data, base, config, overwrite=True)
+    for model in args.model or ["popularity", "sasrec", *VARIANTS]:
+        if model in record["models"]:
+            logging.info("%s: done already, skipping", model)
+            continue
+        if model in ("popularity", "sasrec"):
+            metrics = evaluate_run(base, model=model)["metrics"]
+            record["models"][model] = {k: metrics[k] for k in METRICS}
+        else:
+            run = work / f"run_{model}"
+            if not (run / "sasrec").exists():
+                shutil.copytree(base, run, dirs_exist_ok=True)
+            variant = load_config(args.config, llm={"source": llm}, **VARIANTS[model])
+            started = time.perf_counter()
+            result = train_laser(run, variant, resume=True, overwrite=True)
+            metrics = evaluate_run(run, model="laser")["metrics"]
+            record["models"][model] = {k: metrics[k] for k in METRICS}
+            record.setdefault("runs", {})[model] = {
+                "seconds_per_epoch": round(result.seconds_per_epoch, 1),
+                "trainable_parameters": result.trainable_parameters,
+                "best": [result.best_stage, result.best_epoch], "wall_seconds": round(time.perf_counter() - started),
+            }
+            if model == "laser":
+                record["seconds_per_epoch"] = round(result.seconds_per_epoch, 1)
+                record["trainable_parameters"] = result.trainable_parameters
+        save(args.results, record)
+        logging.info("%s: %s", model, record["models"][model])
+
+
+if __name__ == "__main__":
+    main()
