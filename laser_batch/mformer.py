@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from laser_batch.attention import Attention
 from laser_batch.config import MFormerConfig
 from laser_batch.errors import ConfigError
 
@@ -55,30 +55,6 @@ def load_balancing_loss(item_probs: torch.Tensor, id_mask: torch.Tensor) -> torc
     share = (chosen * valid).sum((0, 1)) / count  # (K,) f
     mean_prob = (torch.where(id_mask[..., None], item_probs, 0.0)).sum((0, 1)) / count  # (K,) P
     return num_experts * (share * mean_prob).sum()
-
-
-class Attention(nn.Module):
-    """Multi-head attention from queries x to a memory (itself for self-attention)."""
-
-    def __init__(self, width: int, num_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(width, width)
-        self.kv = nn.Linear(width, 2 * width)
-        self.out = nn.Linear(width, width)
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, L, D), memory: (B, N, D), key_mask: (B, 1, 1, N) bool, True = may attend -> (B, L, D)."""
-        batch, length, width = x.shape
-        head = width // self.num_heads
-        q = self.q(x).view(batch, length, self.num_heads, head).transpose(1, 2)  # (B, H, L, Dh)
-        k, v = self.kv(memory).view(batch, -1, 2, self.num_heads, head).unbind(2)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, Dh)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out(y.transpose(1, 2).reshape(batch, length, width))
 
 
 class Block(nn.Module):

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from laser_batch.attention import Attention
 from laser_batch.config import SASRecConfig
 
 
@@ -28,27 +29,6 @@ def attention_mask(valid: torch.Tensor) -> torch.Tensor:
     return (causal & valid[:, None, :]) | diagonal  # (B, T, T)
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.query = nn.Linear(hidden_size, hidden_size)
-        self.key_value = nn.Linear(hidden_size, 2 * hidden_size)
-        self.out = nn.Linear(hidden_size, hidden_size)
-        self.dropout = dropout
-
-    def forward(self, queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """queries, keys: (B, T, D), mask: (B, T, T) bool -> (B, T, D)."""
-        batch, length, width = queries.shape
-        heads = (batch, length, self.num_heads, width // self.num_heads)
-        q = self.query(queries).view(heads).transpose(1, 2)  # (B, H, T, Dh)
-        k, v = (t.reshape(heads).transpose(1, 2) for t in self.key_value(keys).chunk(2, dim=-1))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask[:, None], dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out(y.transpose(1, 2).reshape(batch, length, width))
-
-
 class Block(nn.Module):
     """The original SASRec block: queries from LayerNorm(x), keys and values from x; then a point-wise FFN.
 
@@ -59,7 +39,7 @@ class Block(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.attn_norm = nn.LayerNorm(d, eps=1e-8)
-        self.attn = SelfAttention(d, config.num_heads, config.dropout)
+        self.attn = Attention(d, config.num_heads, config.dropout)
         self.ffn_norm = nn.LayerNorm(d, eps=1e-8)
         self.ffn = nn.Sequential(
             nn.Linear(d, d), nn.ReLU(), nn.Dropout(config.dropout), nn.Linear(d, d), nn.Dropout(config.dropout)
@@ -67,7 +47,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         q = self.attn_norm(x)
-        x = self.ffn_norm(q + self.attn(q, x, mask))
+        x = self.ffn_norm(q + self.attn(q, x, mask[:, None]))  # mask (B, 1, T, T)
         return x + self.ffn(x)
 
 
