@@ -169,6 +169,9 @@ class LaserConfig:
     prefix: str = "mformer"  # "free": learned prefix without collaborative input; "none": no prefix
     num_suffix_tokens: int = 1
     pooling: str = "suffix"
+    # Not in the paper: subtract the catalogue's mean embedding before the cosine. A small LLM's last hidden
+    # states share a few huge dimensions (SmolLM2-135M: item cosines 0.92-0.99), which flattens cosine / tau.
+    center: bool = False
     temperature: float = 0.05
     lb_weight: float = 0.01
     stage1_epochs: int = 15

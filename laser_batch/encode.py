@@ -52,17 +52,27 @@ def _by_length(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def encode_items(model: Laser, inputs: LaserInputs, num_items: int, *, batch_size: int, progress=None) -> torch.Tensor:
-    """Embeddings of every catalogue item: (N, D) float32, L2-normalised, row j = internal item j + 1."""
+def encode_items(
+    model: Laser, inputs: LaserInputs, num_items: int, *, batch_size: int, progress=None, recenter: bool = False
+) -> torch.Tensor:
+    """Embeddings of every catalogue item: (N, D) float32, L2-normalised, row j = internal item j + 1.
+
+    With `recenter` (training's item re-encoding) and `laser.center` on, the model's centering vector is
+    first set to the mean raw embedding of the catalogue, so users and items are centred alike.
+    """
     was_training = model.training
     model.eval()
     item_ids = np.arange(1, num_items + 1)
     out = torch.empty(num_items, model.llm.hidden_size)
     lengths = inputs.text.lengths([np.array([i]) for i in item_ids])
+    recenter = recenter and model.config.center
     for rows in _by_length(lengths, batch_size):
-        out[rows] = model(*inputs.items(item_ids[rows]))[0]
+        out[rows] = model(*inputs.items(item_ids[rows]), raw=recenter)[0]
         if progress is not None:
             progress.update(len(rows))
+    if recenter:
+        model.center.copy_(out.mean(0))
+        out = torch.nn.functional.normalize(out - model.center, dim=-1)
     model.train(was_training)
     return out
 

@@ -36,6 +36,8 @@ class Laser(nn.Module):
         if config.pooling == "suffix":
             eos = llm.embed(torch.tensor([self.eos_id])).float()  # start from the EOS token's embedding
             self.suffix = nn.Parameter(eos.repeat(config.num_suffix_tokens, 1).clone())
+        if config.center:  # the catalogue's mean raw embedding, set at each item re-encoding (not trained)
+            self.register_buffer("center", torch.zeros(width))
 
     @property
     def llm(self) -> FrozenLLM:
@@ -55,7 +57,7 @@ class Laser(nn.Module):
         return self.mformer_config.id_window
 
     def forward(
-        self, id_history: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self, id_history: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, raw: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed users (or items, as one-item histories).
 
@@ -63,6 +65,8 @@ class Laser(nn.Module):
             id_history: (B, S) internal item ids, left-padded with 0, the SASRec input (S <= SASRec max_len).
             input_ids: (B, T) token ids of the template text, left-padded.
             attention_mask: (B, T) 1 for real tokens.
+
+            raw: return the pooled hidden states as they are (before centering and normalising).
 
         Returns:
             (embeddings (B, D) float32, L2-normalised; load-balancing loss, a scalar (0 without an M-Former)).
@@ -93,6 +97,10 @@ class Laser(nn.Module):
             pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         else:
             pooled = hidden[:, -1]  # the (last) suffix or EOS position sees everything
+        if raw:
+            return pooled, lb_loss
+        if self.config.center:
+            pooled = pooled - self.center
         return F.normalize(pooled, dim=-1), lb_loss
 
     def loss(
@@ -106,5 +114,6 @@ class Laser(nn.Module):
         return F.cross_entropy(logits, targets - 1) + self.config.lb_weight * lb_loss
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Exactly the trained weights (what a checkpoint stores)."""
-        return {name: p.detach().contiguous() for name, p in self.named_parameters() if p.requires_grad}
+        """Exactly the trained weights, plus the centering vector when there is one (what a checkpoint stores)."""
+        state = {name: p.detach().contiguous() for name, p in self.named_parameters() if p.requires_grad}
+        return state | {name: b.detach().clone() for name, b in self.named_buffers()}

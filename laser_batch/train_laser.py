@@ -136,7 +136,8 @@ def train_laser(
 
     def encode_catalogue() -> torch.Tensor:
         bar = progress(total=sequences.num_items, desc="encoding items")
-        items = encode_items(model, inputs, sequences.num_items, batch_size=cfg.item_batch_size, progress=bar)
+        items = encode_items(model, inputs, sequences.num_items, batch_size=cfg.item_batch_size, progress=bar,
+                             recenter=True)
         bar.close()
         return items
 

@@ -263,3 +263,27 @@ def test_cli_trains_all_stages_and_evaluates_laser(tmp_path):
     assert record["model"] == "laser" and record["users"] == 80 and "MRR" in record["metrics"]
     result = runner.invoke(app, ["train", "--stage", "laser", "--out", str(tmp_path / "run"), "--config", str(config)])
     assert result.exit_code == 2 and "laser: already exists; pass --overwrite" in result.output
+
+
+def test_centering_subtracts_the_catalogue_mean_and_is_saved_with_the_weights(sasrec_run, llm, tmp_path):
+    config = small_config(laser={"center": True})
+    model, inputs, sequences = build_laser(config, sasrec_run, llm)
+    model.eval()  # no M-Former dropout, as in encode_items
+    raw = torch.cat([model(*inputs.items(np.arange(1, sequences.num_items + 1)[i:i + 16]), raw=True)[0]
+                     for i in range(0, sequences.num_items, 16)])
+    items = encode_items(model, inputs, sequences.num_items, batch_size=16, recenter=True)
+    torch.testing.assert_close(model.center, raw.mean(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(items, torch.nn.functional.normalize(raw - raw.mean(0), dim=-1), rtol=1e-4, atol=1e-4)
+    assert abs((items @ items.T).mean().item()) < 0.05  # centred: no shared direction left
+    plain = encode_items(model, inputs, sequences.num_items, batch_size=16)  # no recenter: center kept
+    torch.testing.assert_close(plain, items, rtol=1e-4, atol=1e-4)
+
+    run = _copy_run(sasrec_run, tmp_path)
+    train_laser(run, config, llm=llm)
+    reloaded, item_matrix, _ = load_laser(run, llm=llm)
+    assert "center" in reloaded.state_dict() and reloaded.center.abs().sum() > 0
+    histories, _ = sequences.split("test")
+    user = encode_users(reloaded, inputs, histories[:4], batch_size=4)
+    with torch.no_grad():
+        raw_user = reloaded(*inputs.users(histories[:4]), raw=True)[0]
+    torch.testing.assert_close(user, torch.nn.functional.normalize(raw_user - reloaded.center, dim=-1))
