@@ -192,6 +192,46 @@ def evaluate(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+class ExportModel(str, Enum):
+    laser = "laser"
+    sasrec = "sasrec"
+
+
+class ExportDtype(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `train`.")],
+    out: Annotated[Path, typer.Option("--out", help="Artefact directory to write.")],
+    model: Annotated[ExportModel | None, typer.Option(
+        "--model", help="laser or sasrec; default: laser when the run has that stage, else sasrec.")] = None,
+    dtype: Annotated[ExportDtype, typer.Option("--dtype", help="fp32, or fp16 graphs (for GPUs).")] = ExportDtype.fp32,
+    quantize: Annotated[list[str] | None, typer.Option(
+        "--quantize", help="Add quantised CPU variants of the user encoder: int8 (every scheme) or a scheme: "
+        "int8-dynamic, int8-dynamic-mixed, nbits8, nbits4, nbits4-mixed.")] = None,
+    validate_users: Annotated[int, typer.Option("--validate-users", help="Held-out users for the end-to-end "
+                                                "check.")] = 256,
+    threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads for checks (0: default).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing ARTIFACTS directory.")] = False,
+) -> None:
+    """Export a trained run to ONNX (through Optimum), validated against torch, with a manifest."""
+    with _errors():
+        from laser_batch.exporters.export import export_run
+
+        manifest = export_run(run_dir, out, model=model.value if model else None, dtype=dtype.value,
+                              quantize=quantize, validate_users=validate_users, threads=threads, overwrite=overwrite)
+    e2e = manifest.get("end_to_end")
+    check = (f"end to end on {e2e['users']} held-out users: min cosine {e2e['min_cosine']:.6f}, "
+             f"top-10 same for {e2e['top10']['same_set']:.1%}") if e2e else "no held-out users (data gone)"
+    typer.echo(f"{out}: {manifest['kind']} exported in {manifest['export_seconds']:.0f}s; {check}")
+    for scheme, v in manifest["graphs"].get("user_encoder", {}).get("variants", {}).items():
+        typer.echo(f"  {scheme:<20} top-10 same as fp32 {v['top10_vs_fp32']['same_set']:.1%}, "
+                   f"Recall@10 change {v['recall@10_change']:+.4f}, {v['speedup_vs_fp32']:.2f}x fp32 speed")
+
+
 @app.command()
 def score(
     users: Annotated[Path, typer.Argument(help="Parquet file of users: user_id + history (oldest first).")],

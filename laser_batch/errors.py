@@ -19,3 +19,7 @@ class ConfigError(LaserBatchError):
 
 class CheckpointError(LaserBatchError):
     """A run directory or checkpoint is missing, incomplete or of another format version."""
+
+
+class ArtifactError(LaserBatchError):
+    """An export directory is missing, incomplete, tampered with, or cannot be loaded or validated."""

@@ -116,7 +116,7 @@ class MFormer(nn.Module):
         """Projected ids (B, N, D) + mask (B, N) -> experts (B, k), weights (B, k), probs (B, K), lb_loss."""
         item_probs = self.router(ids).softmax(-1)  # (B, N, K)
         valid = id_mask[..., None]  # (B, N, 1)
-        count = valid.sum(1).to(item_probs.dtype)  # (B, 1)
+        count = valid.to(item_probs.dtype).sum(1)  # (B, 1); no bool sums, which ONNX lacks
         router_probs = torch.where(valid, item_probs, 0.0).sum(1) / count  # (B, K)
         top, experts = router_probs.topk(self.config.top_k, dim=-1)  # (B, k) each, best first
         if self.config.top_k == 1:

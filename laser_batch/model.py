@@ -65,24 +65,38 @@ class Laser(nn.Module):
             id_history: (B, S) internal item ids, left-padded with 0, the SASRec input (S <= SASRec max_len).
             input_ids: (B, T) token ids of the template text, left-padded.
             attention_mask: (B, T) 1 for real tokens.
-
             raw: return the pooled hidden states as they are (before centering and normalising).
 
         Returns:
             (embeddings (B, D) float32, L2-normalised; load-balancing loss, a scalar (0 without an M-Former)).
         """
-        batch = input_ids.shape[0]
-        ones = attention_mask.new_ones
-        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (embeddings (B, n, D), mask (B, n)) in input order
-        lb_loss = torch.zeros((), device=input_ids.device)
+        prefix, lb_loss = self.make_prefix(id_history, input_ids.shape[0])
+        return self.encode(prefix, input_ids, attention_mask, raw=raw), lb_loss
+
+    def make_prefix(self, id_history: torch.Tensor, batch: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The prefix vectors (B, L, D) (None without a prefix) and the load-balancing loss (0 without an M-Former)."""
+        lb_loss = torch.zeros((), device=id_history.device)
         if self.config.prefix == "mformer":
             with torch.no_grad():
                 id_vectors = self.sasrec(id_history)[:, -self.id_window:]  # (B, N, d_id): the last N positions
             out = self.mformer(id_vectors, id_history[:, -self.id_window:] != 0)
-            parts.append((out.prefix, ones(batch, out.prefix.shape[1])))
-            lb_loss = out.lb_loss
-        elif self.config.prefix == "free":
-            parts.append((self.free_prefix.expand(batch, -1, -1), ones(batch, self.free_prefix.shape[0])))
+            return out.prefix, out.lb_loss
+        if self.config.prefix == "free":
+            return self.free_prefix.expand(batch, -1, -1), lb_loss
+        return None, lb_loss
+
+    def encode(
+        self, prefix: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, raw: bool = False
+    ) -> torch.Tensor:
+        """The frozen LLM over [prefix] + embed(text) + [suffix]: (B, D) embeddings, centred and L2-normalised.
+
+        The exported user encoder is this function (the token lookup included).
+        """
+        batch = input_ids.shape[0]
+        ones = attention_mask.new_ones
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (embeddings (B, n, D), mask (B, n)) in input order
+        if prefix is not None:
+            parts.append((prefix, ones(batch, prefix.shape[1])))
         parts.append((self.llm.embed(input_ids), attention_mask))  # (B, T, D)
         if self.config.pooling == "suffix":
             parts.append((self.suffix.expand(batch, -1, -1), ones(batch, self.suffix.shape[0])))
@@ -98,10 +112,10 @@ class Laser(nn.Module):
         else:
             pooled = hidden[:, -1]  # the (last) suffix or EOS position sees everything
         if raw:
-            return pooled, lb_loss
+            return pooled
         if self.config.center:
             pooled = pooled - self.center
-        return F.normalize(pooled, dim=-1), lb_loss
+        return F.normalize(pooled, dim=-1)
 
     def loss(
         self, users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, lb_loss: torch.Tensor

@@ -88,7 +88,7 @@ class SASRec(nn.Module):
         the last position; counting from the end keeps that meaning for shorter (trimmed) batches, and the
         amount of left padding never changes a real position's id. Padding gets 0 (a zero embedding).
         """
-        from_end = valid.flip(1).cumsum(1).flip(1)  # (B, T): 1 for the most recent item, 2 for the one before, ...
+        from_end = valid.long().flip(1).cumsum(1).flip(1)  # (B, T): 1 for the most recent item, 2 for the one before
         return torch.where(valid, (self.config.max_len + 1 - from_end).clamp(min=1), 0)
 
     def item_vectors(self) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""Quantised CPU variants of `user_encoder.onnx` (the LLM: nearly all of the scoring job's work).
+
+Schemes (each written as `user_encoder.<scheme>.onnx` and measured against the fp32 graph on held-out users):
+
+- `int8-dynamic`: Optimum's `ORTQuantizer`, dynamic int8 (QInt8 weights per channel, activations quantised
+  at run time, AVX-512 VNNI config) of every linear layer (MatMul by a weight; attention stays fp32);
+- `int8-dynamic-mixed`: the same with the MLP down-projections (the layers with the widest activation range)
+  kept in fp32;
+- `nbits8` / `nbits4`: ONNX Runtime's block-wise weight-only quantisation (`MatMulNBits`, block 32,
+  symmetric) with int8 compute (`accuracy_level` 4, AVX-512 VNNI);
+- `nbits4-mixed`: 4-bit weights, the MLP down-projections at 8 bits.
+
+Only MatMul layers are quantised: GPT-2's Conv1D layers export as Gemm and stay fp32 (`quantized_layers`
+in the manifest says how many layers a variant really quantised).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+logger = logging.getLogger(__name__)
+
+SCHEMES = ("int8-dynamic", "int8-dynamic-mixed", "nbits8", "nbits4", "nbits4-mixed")
+SENSITIVE = ("down_proj", "mlp/c_proj", "mlp/fc2", "dense_4h_to_h")  # MLP output projections, by architecture
+BLOCK_SIZE = 32
+ACCURACY_LEVEL = 4  # MatMulNBits: int8 compute
+QUALITY_BAR = 0.98  # a variant is recommended only if >= 98% of held-out users keep their fp32 top-10 set
+
+
+def variant_file(scheme: str) -> str:
+    return f"user_encoder.{scheme}.onnx"
+
+
+def quantize(directory: Path, scheme: str, source: str = "user_encoder.onnx") -> str:
+    """Write ARTIFACTS/user_encoder.<scheme>.onnx from the fp32 graph; returns its file name."""
+    directory = Path(directory)
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantisation scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    target = directory / variant_file(scheme)
+    external = (directory / f"{source}_data").exists()
+    if scheme.startswith("int8-dynamic"):
+        _dynamic_int8(directory, source, target, mixed=scheme.endswith("mixed"), external=external)
+    else:
+        bits = 8 if scheme == "nbits8" else 4
+        _nbits(directory / source, target, bits, mixed=scheme.endswith("mixed"), external=external)
+    return target.name
+
+
+def weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMuls by a constant weight (the linear layers), not activation x activation (attention scores)."""
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+def sensitive_matmuls(model: onnx.ModelProto) -> list[str]:
+    return [name for name in weight_matmuls(model) if any(s in name for s in SENSITIVE)]
+
+
+def _dynamic_int8(directory: Path, source: str, target: Path, *, mixed: bool, external: bool) -> None:
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    model = onnx.load(str(directory / source), load_external_data=False)
+    exclude = set(sensitive_matmuls(model)) if mixed else set()
+    config = AutoQuantizationConfig.avx512_vnni(
+        is_static=False, per_channel=True, operators_to_quantize=["MatMul"],
+        nodes_to_quantize=[n for n in weight_matmuls(model) if n not in exclude])
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        quantizer = ORTQuantizer.from_pretrained(directory, file_name=source)
+        save_dir = quantizer.quantize(config, save_dir=tmp, file_suffix="q", use_external_data_format=external)
+        _move_model(Path(save_dir) / f"{Path(source).stem}_q.onnx", target, external)
+
+
+def _nbits(source: Path, target: Path, bits: int, *, mixed: bool, external: bool) -> None:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = onnx.load(str(source))
+    sensitive = sensitive_matmuls(model) if mixed else []
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
+                                     accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=sensitive)
+    quantizer.process()
+    if sensitive:  # the excluded layers at 8 bits
+        quantizer = MatMulNBitsQuantizer(quantizer.model.model, bits=8, block_size=BLOCK_SIZE, is_symmetric=True,
+                                         accuracy_level=ACCURACY_LEVEL, nodes_to_include=sensitive)
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
+
+
+def _move_model(written: Path, target: Path, external: bool) -> None:
+    if external:  # re-save so the external data file is named after the target
+        onnx.save(onnx.load(str(written)), str(target), save_as_external_data=True,
+                  all_tensors_to_one_file=True, location=f"{target.name}_data")
+    else:
+        shutil.move(str(written), target)
+
+
+def measure(embedder, scheme_file: str, histories: list[np.ndarray], targets: np.ndarray, item_matrix: np.ndarray,
+            *, batch_size: int = 16, repeats: int = 2) -> dict:
+    """A variant of the user encoder vs the fp32 one on the same inputs: embeddings, top-10, Recall@10, speed."""
+    from laser_batch.artifacts import session
+    from laser_batch.exporters.export import _compare, agreement, top_k
+
+    variant = session(Path(embedder.directory) / scheme_file, ["CPUExecutionProvider"], threads=embedder.threads)
+    batches = [embedder.feeds(histories[i:i + batch_size]) for i in range(0, len(histories), batch_size)]
+
+    def run(sess) -> tuple[np.ndarray, float]:
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            out = [sess.run(["embedding"], feeds)[0] for feeds in batches]
+            best = min(best, time.perf_counter() - started)
+        return np.concatenate(out), best
+
+    reference, fp32_seconds = run(embedder.user_encoder)
+    got, seconds = run(variant)
+    top_ref, top_got = top_k(reference, item_matrix), top_k(got, item_matrix)
+    hits = lambda top: float((top == (targets - 1)[:, None]).any(1).mean())  # noqa: E731
+    import onnx as _onnx
+
+    nodes = _onnx.load(str(Path(embedder.directory) / scheme_file), load_external_data=False).graph.node
+    quantized = sum(n.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul") for n in nodes)
+    return {
+        "quantized_layers": quantized,
+        **_compare(reference, got), "top10_vs_fp32": agreement(top_ref, top_got),
+        "recall@10": hits(top_got), "recall@10_fp32": hits(top_ref), "recall@10_change": hits(top_got) - hits(top_ref),
+        "users_per_second": round(len(histories) / seconds, 2),
+        "fp32_users_per_second": round(len(histories) / fp32_seconds, 2),
+        "speedup_vs_fp32": round(fp32_seconds / seconds, 3),
+        "bytes": (Path(embedder.directory) / scheme_file).stat().st_size,
+    }

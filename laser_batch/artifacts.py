@@ -1,0 +1,165 @@
+"""Exported artefacts: the manifest, its checksums, and ONNX Runtime sessions that embed users. No torch here.
+
+An artefact directory (written by `laser-batch export`) holds:
+
+- `manifest.json`: kind ("laser" | "sasrec"), versions, opset, every file with its size and sha256, the graphs'
+  inputs/outputs, the settings needed to build inputs, and the parity the export achieved;
+- `sasrec.onnx` (always), `mformer.onnx` (Laser with an M-Former prefix), `user_encoder.onnx` (Laser);
+- `item_matrix.npy` (N, D): row j scores internal item j + 1 (Laser: L2-normalised, cosine; SASRec: dot);
+- `item_ids.parquet`: the original item id of each row; for Laser `items.parquet` (the item text columns in
+  row order) and `tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from laser_batch.errors import ArtifactError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+ITEM_MATRIX = "item_matrix.npy"
+ITEM_IDS = "item_ids.parquet"
+ITEMS_TEXT = "items.parquet"
+TOKENIZER = "tokenizer.json"
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_record(directory: Path, name: str) -> dict:
+    path = Path(directory) / name
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def load_manifest(directory: Path, *, verify: bool = True) -> dict:
+    """Read ARTIFACTS/manifest.json and (by default) check every listed file's size and sha256.
+
+    Raises:
+        ArtifactError: no such directory, no or unreadable manifest, a missing file or a checksum mismatch.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: artefact directory not found (write one with laser-batch export)")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no manifest; not an export directory, or the export did not finish")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from e
+    if manifest.get("manifest_version") != MANIFEST_VERSION:
+        raise ArtifactError(f"{path}: manifest version {manifest.get('manifest_version')!r}, "
+                            f"this laser-batch reads version {MANIFEST_VERSION}; export again")
+    if verify:
+        for name, record in manifest["files"].items():
+            file = directory / name
+            if not file.is_file():
+                raise ArtifactError(f"{file}: listed in the manifest but missing")
+            if file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
+                raise ArtifactError(f"{file}: checksum does not match the manifest (modified or corrupted)")
+    return manifest
+
+
+def providers(device: str = "auto") -> list[str]:
+    """ONNX Runtime execution providers for `device` ("auto" | "cpu" | "cuda")."""
+    import onnxruntime as ort
+
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in available:
+        raise ArtifactError("--device cuda: this onnxruntime has no CUDA execution provider")
+    if "CUDAExecutionProvider" in available and device in ("auto", "cuda"):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def session(path: Path, provider_list: Sequence[str], *, threads: int = 0):
+    """An InferenceSession; `session.get_providers()` says what it really got (CUDA may silently fall back)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the CUDA provider's load failure on a machine without a GPU is not news
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(provider_list))
+    except Exception as e:
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from e
+
+
+class Embedder:
+    """Users (histories of internal item ids, oldest first) -> embeddings, with the exported graphs only.
+
+    Laser: SASRec ids -> sasrec.onnx -> the last `id_window` vectors -> mformer.onnx -> prefix;
+    text -> token ids; prefix + tokens -> user_encoder.onnx -> embedding. SASRec: the last position's vector.
+    """
+
+    def __init__(self, directory: Path, *, device: str = "auto", threads: int = 0, verify: bool = True,
+                 variant: str = "") -> None:
+        directory = self.directory = Path(directory)
+        self.threads = threads
+        self.manifest = manifest = load_manifest(directory, verify=verify)
+        self.kind = manifest["kind"]
+        chosen = providers(device)
+        self.sasrec = session(directory / manifest["graphs"]["sasrec"]["file"], chosen, threads=threads)
+        self.max_len = manifest["settings"]["sasrec_max_len"]
+        self.mformer = self.user_encoder = self.text = None
+        if self.kind == "laser":
+            import polars as pl
+            import tokenizers
+
+            from laser_batch.config import TextConfig
+            from laser_batch.text import TextEncoder
+
+            graphs = manifest["graphs"]
+            if "mformer" in graphs:
+                self.mformer = session(directory / graphs["mformer"]["file"], chosen, threads=threads)
+            encoder = graphs["user_encoder"]
+            file = encoder["variants"][variant]["file"] if variant else encoder["file"]
+            self.user_encoder = session(directory / file, chosen, threads=threads)
+            settings = manifest["settings"]
+            self.text = TextEncoder(tokenizers.Tokenizer.from_file(str(directory / TOKENIZER)),
+                                    pl.read_parquet(directory / ITEMS_TEXT), TextConfig(**settings["text"]),
+                                    pad_id=settings["pad_id"])
+            self.id_window = settings["id_window"]
+            self.takes_prefix = "prefix" in [i.name for i in self.user_encoder.get_inputs()]
+        self.providers = self.sasrec.get_providers()
+
+    def embed(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """(B, D) float32 embeddings of internal-id histories (each non-empty, ids 1..N)."""
+        feeds = self.feeds(histories)
+        if self.kind == "sasrec":
+            return self.sasrec.run(["id_vectors"], feeds)[0][:, -1]
+        return self.user_encoder.run(["embedding"], feeds)[0]
+
+    def feeds(self, histories: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs of the last graph (SASRec: sasrec.onnx; Laser: user_encoder.onnx) for a batch of histories."""
+        from laser_batch.sequences import pad_left
+
+        width = min(self.max_len, max(len(h) for h in histories))
+        item_ids = pad_left(list(histories), width)
+        if self.kind == "sasrec":
+            return {"item_ids": item_ids}
+        feeds = {}
+        if self.takes_prefix:
+            # SASRec reads the whole history (up to max_len); the M-Former sees its last id_window positions.
+            vectors = self.sasrec.run(["id_vectors"], {"item_ids": item_ids})[0][:, -self.id_window:]
+            mask = (item_ids[:, -self.id_window:] != 0).astype(np.int64)
+            feeds["prefix"] = self.mformer.run(["prefix"], {"id_vectors": vectors, "id_mask": mask})[0]
+        feeds["input_ids"], feeds["attention_mask"] = self.text.encode_users(histories)
+        return feeds
