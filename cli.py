@@ -168,7 +168,7 @@ def train(
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `train`.")],
+    run_dir: Annotated[Path | None, typer.Argument(help="Run directory written by `train`.")] = None,
     model: Annotated[EvalModel, typer.Option("--model", help="Model to evaluate.")] = EvalModel.sasrec,
     split: Annotated[Split, typer.Option("--split", help="valid: second last item; test: last item.")] = Split.test,
     k: Annotated[list[int] | None, typer.Option("--k", help="Cut-off(s) for HR@K / NDCG@K.")] = None,
@@ -176,11 +176,31 @@ def evaluate(
         "--include-history", help="Also rank items already in the user's history.")] = False,
     data: Annotated[Path | None, typer.Option("--data", help="Use this data directory instead of the run's.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON.")] = None,
+    recs: Annotated[Path | None, typer.Option("--recs", help="Evaluate a `score` output directory instead "
+                                              "(torch-free); needs --truth.")] = None,
+    truth: Annotated[Path | None, typer.Option("--truth", help="Parquet of user_id, item_id: the items each "
+                                               "user went on to interact with.")] = None,
 ) -> None:
-    """Full-ranking evaluation: every item is a candidate; prints a table and optionally writes JSON."""
+    """Full-ranking evaluation of a run, or HR/NDCG/MRR@K of `score` output against a truth file."""
+    if recs is not None or truth is not None:
+        with _errors():
+            if recs is None or truth is None or run_dir is not None:
+                raise LaserBatchError("evaluate --recs OUT_DIR --truth TRUTH.parquet (both, and no RUN_DIR)")
+            from laser_batch.recs_eval import evaluate_recommendations
+
+            result = evaluate_recommendations(recs, truth, k or [10, 20])
+        typer.echo(f"{recs}: {result['cases']} truth rows, {result['cases_without_recommendations']} without "
+                   "recommendations")
+        for name, value in result["metrics"].items():
+            typer.echo(f"  {name:<10} {value:.4f}")
+        if json_out is not None:
+            json_out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     from laser_batch.evaluate import evaluate_run
 
     with _errors():
+        if run_dir is None:
+            raise LaserBatchError("evaluate needs RUN_DIR (or --recs OUT_DIR --truth TRUTH.parquet)")
         result = evaluate_run(run_dir, model=model.value, split=split.value, ks=k or [10, 20],
                               exclude_history=not include_history, data_dir=data)
     typer.echo(f"{result['model']} on {result['split']} ({result['users']} users, "
@@ -232,16 +252,41 @@ def export(
                    f"Recall@10 change {v['recall@10_change']:+.4f}, {v['speedup_vs_fp32']:.2f}x fp32 speed")
 
 
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 @app.command()
 def score(
-    users: Annotated[Path, typer.Argument(help="Parquet file of users: user_id + history (oldest first).")],
+    users: Annotated[Path, typer.Argument(help="Parquet file of users: user_id + history (item ids, oldest first).")],
     model: Annotated[Path, typer.Option("--model", help="Artefact directory written by `export`.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for recommendations.")],
     top_k: Annotated[int, typer.Option("--top-k", help="Recommendations per user.")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Users per graph run.")] = 64,
+    device: Annotated[Device, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = Device.auto,
+    threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads (0: its default).")] = 0,
+    interactions: Annotated[bool, typer.Option(
+        "--interactions", help="USERS holds user_id, item_id, timestamp rows; group them into histories.")] = False,
+    include_history: Annotated[bool, typer.Option(
+        "--include-history", help="Also recommend items already in the history.")] = False,
+    variant: Annotated[str, typer.Option("--variant", help="A quantised user-encoder variant of the "
+                                         "artefacts (see manifest.json), e.g. nbits8.")] = "",
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Users read and written per part file.")] = 50_000,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted job in OUT.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the contents of OUT.")] = False,
 ) -> None:
-    """The nightly batch job on ONNX Runtime (torch-free)."""
+    """The nightly batch job on ONNX Runtime (torch-free): top-K recommendations for every user."""
     with _errors():
-        raise LaserBatchError("score: the ONNX scoring job is not part of this version yet (it needs `export`)")
+        from laser_batch.score import score_users
+
+        summary = score_users(users, model, out, interactions=interactions, top_k=top_k, batch_size=batch_size,
+                              device=device.value, threads=threads, include_history=include_history,
+                              variant=variant, chunk_size=chunk_size, resume=resume, overwrite=overwrite)
+    rejected = sum(summary["users_rejected"].values())
+    typer.echo(f"{out}: {summary['users_scored']} users scored, {rejected} rejected, "
+               f"{summary['users_per_second']} users/s on {summary['provider']}")
 
 
 def main() -> None:

@@ -139,10 +139,19 @@ class Embedder:
             self.id_window = settings["id_window"]
             self.takes_prefix = "prefix" in [i.name for i in self.user_encoder.get_inputs()]
         self.providers = self.sasrec.get_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            # onnxruntime-gpu lists CUDA as available even without a GPU or CUDA libraries, then falls back.
+            raise ArtifactError("--device cuda: ONNX Runtime could not start its CUDA execution provider (no GPU, "
+                                f"or CUDA/cuDNN libraries missing); it would run on {self.providers[0]}")
+        if device == "auto":
+            logger.info("ONNX Runtime runs on %s", self.providers[0])
 
     def embed(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """(B, D) float32 embeddings of internal-id histories (each non-empty, ids 1..N)."""
-        feeds = self.feeds(histories)
+        return self.run(self.feeds(histories))
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """(B, D) embeddings from the inputs `feeds` built."""
         if self.kind == "sasrec":
             return self.sasrec.run(["id_vectors"], feeds)[0][:, -1]
         return self.user_encoder.run(["embedding"], feeds)[0]

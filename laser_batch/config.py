@@ -172,6 +172,9 @@ class LaserConfig:
     # Not in the paper: subtract the catalogue's mean embedding before the cosine. A small LLM's last hidden
     # states share a few huge dimensions (SmolLM2-135M: item cosines 0.92-0.99), which flattens cosine / tau.
     center: bool = False
+    # An item's M-Former input: "embedding" = its row of the frozen SASRec's item-embedding table (the vector that
+    # SASRec's user states are trained to point at); "sequence" = SASRec's output for the one-item history.
+    item_id_vector: str = "embedding"
     temperature: float = 0.05
     lb_weight: float = 0.01
     stage1_epochs: int = 15
@@ -184,10 +187,13 @@ class LaserConfig:
     item_batch_size: int = 64
     samples_per_user: int = 1  # training targets per user and epoch: the last training item, then random earlier ones
     patience: int = 0  # 0: run every epoch of a stage; else stop a stage after this many epochs without improvement
+    valid_users: int = 0  # 0: validate on every user; else on this many (a fixed, evenly spread subset)
 
     def __post_init__(self) -> None:
         _require(self.prefix in PREFIX_KINDS, "laser.prefix", self.prefix, f"one of {', '.join(PREFIX_KINDS)}")
         _require(self.pooling in POOLINGS, "laser.pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
+        _require(self.item_id_vector in ("embedding", "sequence"), "laser.item_id_vector", self.item_id_vector,
+                 "'embedding' or 'sequence'")
         _require(self.prefix != "none" or self.pooling == "suffix", "laser.pooling", self.pooling,
                  "'suffix' when laser.prefix = 'none' (otherwise nothing is trained)")
         _require(self.num_suffix_tokens > 0, "laser.num_suffix_tokens", self.num_suffix_tokens, "a positive integer")
@@ -203,6 +209,7 @@ class LaserConfig:
         for name in ("batch_size", "grad_accumulation", "item_batch_size", "samples_per_user"):
             _require(getattr(self, name) > 0, f"laser.{name}", getattr(self, name), "a positive integer")
         _require(self.patience >= 0, "laser.patience", self.patience, "an integer >= 0")
+        _require(self.valid_users >= 0, "laser.valid_users", self.valid_users, "an integer >= 0 (0: all users)")
 
 
 @dataclass

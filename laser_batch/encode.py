@@ -33,7 +33,7 @@ class LaserInputs:
                 torch.from_numpy(attention_mask))
 
     def items(self, item_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The same for items: each item is a one-item history (its M-Former input is its own SASRec vector)."""
+        """The same for items: each item is a one-item history (its M-Former input: `laser.item_id_vector`)."""
         input_ids, attention_mask = self.text.encode_items(item_ids)
         return (torch.from_numpy(np.asarray(item_ids, dtype=np.int64)[:, None]), torch.from_numpy(input_ids),
                 torch.from_numpy(attention_mask))
@@ -67,7 +67,7 @@ def encode_items(
     lengths = inputs.text.lengths([np.array([i]) for i in item_ids])
     recenter = recenter and model.config.center
     for rows in _by_length(lengths, batch_size):
-        out[rows] = model(*inputs.items(item_ids[rows]), raw=recenter)[0]
+        out[rows] = model(*inputs.items(item_ids[rows]), raw=recenter, items=True)[0]
         if progress is not None:
             progress.update(len(rows))
     if recenter:

@@ -57,7 +57,8 @@ class Laser(nn.Module):
         return self.mformer_config.id_window
 
     def forward(
-        self, id_history: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, raw: bool = False
+        self, id_history: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, raw: bool = False,
+        items: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed users (or items, as one-item histories).
 
@@ -66,19 +67,25 @@ class Laser(nn.Module):
             input_ids: (B, T) token ids of the template text, left-padded.
             attention_mask: (B, T) 1 for real tokens.
             raw: return the pooled hidden states as they are (before centering and normalising).
+            items: the rows are items (one-item histories); see `LaserConfig.item_id_vector`.
 
         Returns:
             (embeddings (B, D) float32, L2-normalised; load-balancing loss, a scalar (0 without an M-Former)).
         """
-        prefix, lb_loss = self.make_prefix(id_history, input_ids.shape[0])
+        prefix, lb_loss = self.make_prefix(id_history, input_ids.shape[0], items=items)
         return self.encode(prefix, input_ids, attention_mask, raw=raw), lb_loss
 
-    def make_prefix(self, id_history: torch.Tensor, batch: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def make_prefix(
+        self, id_history: torch.Tensor, batch: int, *, items: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The prefix vectors (B, L, D) (None without a prefix) and the load-balancing loss (0 without an M-Former)."""
         lb_loss = torch.zeros((), device=id_history.device)
         if self.config.prefix == "mformer":
             with torch.no_grad():
-                id_vectors = self.sasrec(id_history)[:, -self.id_window:]  # (B, N, d_id): the last N positions
+                if items and self.config.item_id_vector == "embedding":  # the item's own ID embedding (B, 1, d_id)
+                    id_vectors = self.sasrec.item_embedding(id_history[:, -1:])
+                else:  # the per-position vectors of the last N positions (B, N, d_id)
+                    id_vectors = self.sasrec(id_history)[:, -self.id_window:]
             out = self.mformer(id_vectors, id_history[:, -self.id_window:] != 0)
             return out.prefix, out.lb_loss
         if self.config.prefix == "free":

@@ -122,6 +122,9 @@ def train_laser(
     steps_per_epoch = math.ceil(math.ceil(users_per_epoch / cfg.batch_size) / cfg.grad_accumulation)
     scheduler = warmup_cosine(optimizer, steps_per_epoch * (cfg.stage1_epochs + cfg.stage2_epochs), cfg.warmup_ratio)
     valid_histories, valid_targets = sequences.split("valid")
+    if cfg.valid_users and cfg.valid_users < len(valid_targets):  # a fixed, evenly spread subset (CPU budgets)
+        rows = np.unique(np.linspace(0, len(valid_targets) - 1, num=cfg.valid_users).astype(np.int64))
+        valid_histories, valid_targets = [valid_histories[r] for r in rows], valid_targets[rows]
     select = config.train.select_metric
     ks = sorted({*DEFAULT_KS, *config.train.select_ks})
     n_trainable = sum(p.numel() for p in params)

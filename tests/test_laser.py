@@ -269,7 +269,7 @@ def test_centering_subtracts_the_catalogue_mean_and_is_saved_with_the_weights(sa
     config = small_config(laser={"center": True})
     model, inputs, sequences = build_laser(config, sasrec_run, llm)
     model.eval()  # no M-Former dropout, as in encode_items
-    raw = torch.cat([model(*inputs.items(np.arange(1, sequences.num_items + 1)[i:i + 16]), raw=True)[0]
+    raw = torch.cat([model(*inputs.items(np.arange(1, sequences.num_items + 1)[i:i + 16]), raw=True, items=True)[0]
                      for i in range(0, sequences.num_items, 16)])
     items = encode_items(model, inputs, sequences.num_items, batch_size=16, recenter=True)
     torch.testing.assert_close(model.center, raw.mean(0), rtol=1e-4, atol=1e-4)
@@ -287,3 +287,17 @@ def test_centering_subtracts_the_catalogue_mean_and_is_saved_with_the_weights(sa
     with torch.no_grad():
         raw_user = reloaded(*inputs.users(histories[:4]), raw=True)[0]
     torch.testing.assert_close(user, torch.nn.functional.normalize(raw_user - reloaded.center, dim=-1))
+
+
+@pytest.mark.parametrize("source", ["embedding", "sequence"])
+def test_an_item_prefix_reads_the_configured_id_vector(sasrec_run, llm, source):
+    model, _, _ = build_laser(small_config(laser={"item_id_vector": source}), sasrec_run, llm)
+    model.eval()
+    ids = torch.tensor([[3], [7]])
+    with torch.no_grad():
+        item_prefix, _ = model.make_prefix(ids, 2, items=True)
+        user_prefix, _ = model.make_prefix(ids, 2)  # a one-item user history always reads SASRec's output
+        vectors = model.sasrec.item_embedding(ids) if source == "embedding" else model.sasrec(ids)
+        torch.testing.assert_close(item_prefix, model.mformer(vectors, ids != 0).prefix)
+        torch.testing.assert_close(user_prefix, model.mformer(model.sasrec(ids), ids != 0).prefix)
+    assert torch.equal(item_prefix, user_prefix) == (source == "sequence")

@@ -1,0 +1,359 @@
+"""The nightly job: users' histories in Parquet -> top-K recommendations in Parquet, on ONNX Runtime. No torch.
+
+    OUT_DIR/part-00000.parquet ...   user_id, rank, item_id, score   (original ids and types; rank 1 = best)
+    OUT_DIR/rejects.parquet          user_id, reason
+    OUT_DIR/summary.json             counts, rejects by reason, users/s, tokens/s, padding efficiency, provider
+    OUT_DIR/_SUCCESS                 written last
+
+The input is read in fixed slices of rows (chunk k = rows [k * C, (k + 1) * C)), so memory does not grow
+with the number of users and a killed job can be resumed: a chunk is finished when its part file exists
+(written to a temporary name, then renamed), and `resume=True` redoes only the unfinished ones. Duplicate
+users are found across the whole input with a 64-bit hash of each user id (8 bytes per user).
+
+`Recommender.recommend` is the one batch function (a DataFrame of users -> recommendations + rejects); the
+CLI drives it over the chunks and a distributed engine can map it over its blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from laser_batch.artifacts import ITEM_IDS, ITEM_MATRIX, MANIFEST, Embedder
+from laser_batch.contracts import first_line
+from laser_batch.errors import InputError
+from laser_batch.metrics import exclude_items
+
+logger = logging.getLogger(__name__)
+
+REJECT_REASONS = ("null user_id", "duplicate user", "empty history", "no known items")
+RECS_SCHEMA_COLUMNS = ("user_id", "rank", "item_id", "score")
+JOB_FILE = "_job.json"
+STATS_DIR = "_stats"
+WORK_DIR = "_work"
+SUCCESS = "_SUCCESS"
+DEFAULT_CHUNK = 50_000
+
+
+def _is_id(dtype: pl.DataType) -> bool:
+    return dtype.is_integer() or dtype == pl.String
+
+
+class Recommender:
+    """Loads the exported graphs once; `recommend` maps a DataFrame of users to recommendations and rejects.
+
+    Args:
+        artifacts: a directory written by `laser-batch export` (checksums verified on load).
+        top_k: recommendations per user.
+        batch_size: users per graph run (users are grouped by text length to cut padding).
+        device: "auto" (CUDA when ONNX Runtime has it, else CPU), "cpu" or "cuda" (an error without CUDA).
+        threads: ONNX Runtime intra-op threads (0: its default).
+        include_history: also recommend items already in the history (excluded by default).
+        variant: a quantised user-encoder variant from the manifest ("" = the exported graph).
+    """
+
+    def __init__(self, artifacts: Path, *, top_k: int = 20, batch_size: int = 64, device: str = "auto",
+                 threads: int = 0, include_history: bool = False, variant: str = "") -> None:
+        if top_k < 1:
+            raise InputError(f"--top-k {top_k}: expected a positive integer")
+        if batch_size < 1:
+            raise InputError(f"--batch-size {batch_size}: expected a positive integer")
+        self.artifacts = Path(artifacts)
+        self.embedder = Embedder(self.artifacts, device=device, threads=threads, variant=variant)
+        self.top_k, self.batch_size, self.include_history = top_k, batch_size, include_history
+        self.item_matrix = np.ascontiguousarray(np.load(self.artifacts / ITEM_MATRIX).astype(np.float32))  # (N, D)
+        ids = pl.read_parquet(self.artifacts / ITEM_IDS).sort("index")
+        self.item_ids = ids["item_id"]  # original id of internal item j + 1
+        self.id_map = pl.DataFrame({"item_id": self.item_ids,
+                                    "_internal": np.arange(1, len(ids) + 1, dtype=np.int64)})
+        self.providers = self.embedder.providers
+        self.manifest_sha256 = hashlib.sha256((self.artifacts / MANIFEST).read_bytes()).hexdigest()
+
+    @property
+    def item_id_dtype(self) -> pl.DataType:
+        return self.item_ids.dtype
+
+    def recommend(self, users: pl.DataFrame, seen: np.ndarray | None = None) -> tuple[pl.DataFrame, pl.DataFrame,
+                                                                                       dict]:
+        """Top-K recommendations for a batch of users.
+
+        Args:
+            users: `user_id` + `history` (list of original item ids, oldest first).
+            seen: sorted uint64 hashes of user ids met before this batch (their rows are duplicates).
+
+        Returns:
+            (recommendations: user_id, rank, item_id, score; rejects: user_id, reason; stats dict).
+        """
+        stats: Counter = Counter(users_in=users.height)
+        users = users.with_row_index("_row")
+        reason = self._reasons(users, seen)
+        # Map ids; unknown items are dropped (and counted); histories left empty are rejected.
+        lengths = users["history"].list.len().fill_null(0).to_numpy()
+        flat = users.select("_row", pl.col("history").cast(pl.List(self.item_id_dtype))).explode("history")
+        flat = flat.filter(pl.col("history").is_not_null()).join(
+            self.id_map, left_on="history", right_on="item_id", how="left", maintain_order="left")
+        known = flat.filter(pl.col("_internal").is_not_null())
+        stats["unknown_items_dropped"] = flat.height - known.height
+        grouped = known.group_by("_row", maintain_order=True).agg(pl.col("_internal"))
+        has_known = np.zeros(users.height, dtype=bool)
+        has_known[grouped["_row"].to_numpy()] = True
+        reason = np.where((reason == "") & (lengths == 0), "empty history", reason)
+        reason = np.where((reason == "") & ~has_known, "no known items", reason)
+        keep = grouped.filter(pl.Series(reason[grouped["_row"].to_numpy()] == ""))
+        rows = keep["_row"].to_numpy()
+        histories = [np.asarray(h, dtype=np.int64) for h in keep["_internal"].to_list()]
+
+        rejected = reason != ""
+        rejects = pl.DataFrame({"user_id": users["user_id"].filter(pl.Series(rejected)),
+                                "reason": reason[rejected].astype(str)}, schema={
+            "user_id": users.schema["user_id"], "reason": pl.String})
+        for r, n in Counter(reason[rejected].tolist()).items():
+            stats[f"rejected:{r}"] = n
+        stats["scored"] = len(rows)
+        if not len(rows):
+            return self._empty(users.schema["user_id"]), rejects, dict(stats)
+        top, scores = self._top_k(histories, stats)
+        k = top.shape[1]
+        valid = np.isfinite(scores)
+        user_index = np.repeat(rows, k)[valid.reshape(-1)]
+        recs = pl.DataFrame({
+            "user_id": users["user_id"].gather(user_index),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(rows))[valid.reshape(-1)],
+            "item_id": self.item_ids.gather(top.reshape(-1)[valid.reshape(-1)]),
+            "score": scores.reshape(-1)[valid.reshape(-1)].astype(np.float32),
+        })
+        return recs, rejects, dict(stats)
+
+    def _reasons(self, users: pl.DataFrame, seen: np.ndarray | None) -> np.ndarray:
+        """Per row: "" (fine so far), "null user_id" or "duplicate user" (the first occurrence is kept)."""
+        null = users["user_id"].is_null().to_numpy()
+        hashes = users["user_id"].hash(seed=0).to_numpy()
+        first = ~users.select(pl.col("user_id").is_duplicated() & ~pl.col("user_id").is_first_distinct()
+                              ).to_series().to_numpy()
+        before = np.isin(hashes, seen) if seen is not None and len(seen) else np.zeros(users.height, dtype=bool)
+        reason = np.full(users.height, "", dtype=object)
+        reason[(~first | before) & ~null] = "duplicate user"
+        reason[null] = "null user_id"
+        return reason
+
+    def _top_k(self, histories: list[np.ndarray], stats: Counter) -> tuple[np.ndarray, np.ndarray]:
+        """(top item rows (B, k), their scores (B, k); -inf where a user has fewer than k candidates)."""
+        n_items = self.item_matrix.shape[0]
+        k = min(self.top_k, n_items)
+        top = np.empty((len(histories), k), dtype=np.int64)
+        best = np.empty((len(histories), k), dtype=np.float32)
+        if self.embedder.kind == "laser":
+            lengths = self.embedder.text.lengths(histories)
+        else:
+            lengths = np.fromiter((min(len(h), self.embedder.max_len) for h in histories), dtype=np.int64)
+        order = np.argsort(lengths, kind="stable")
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            hist = [histories[i] for i in batch]
+            feeds = self.embedder.feeds(hist)
+            mask = feeds.get("attention_mask", feeds.get("item_ids"))
+            stats["real_tokens"] += int((mask != 0).sum())
+            stats["padded_tokens"] += int(mask.size)
+            users = self.embedder.run(feeds)  # (b, D)
+            scores = users @ self.item_matrix.T  # (b, N)
+            if not self.include_history:
+                exclude_items(scores, hist)
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n_items else np.tile(
+                np.arange(n_items), (len(hist), 1))
+            part_scores = np.take_along_axis(scores, part, axis=1)
+            rank = np.argsort(-part_scores, axis=1, kind="stable")
+            top[batch] = np.take_along_axis(part, rank, axis=1)
+            best[batch] = np.take_along_axis(part_scores, rank, axis=1)
+        return top, best
+
+    def _empty(self, user_dtype: pl.DataType) -> pl.DataFrame:
+        return pl.DataFrame(schema={"user_id": user_dtype, "rank": pl.Int32, "item_id": self.item_id_dtype,
+                                    "score": pl.Float32})
+
+
+def check_users_schema(path: Path, item_dtype: pl.DataType | None = None, *, interactions: bool = False) -> dict:
+    """Check the input's columns and types from its Parquet schema (no data read); returns the schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+    try:
+        schema = dict(pl.read_parquet_schema(path))
+    except Exception as e:
+        raise InputError(f"{path}: not a readable Parquet file ({first_line(e)})") from e
+    required = ("user_id", "item_id", "timestamp") if interactions else ("user_id", "history")
+    missing = [c for c in required if c not in schema]
+    if missing:
+        hint = "" if interactions else " (or pass --interactions for user_id, item_id, timestamp rows)"
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(schema) or 'none'})"
+                         f"{hint}")
+    if not _is_id(schema["user_id"]):
+        raise InputError(f"{path}: column 'user_id' has type {schema['user_id']}, expected an integer or string id")
+    if interactions:
+        item = schema["item_id"]
+        if not (schema["timestamp"].is_numeric() or schema["timestamp"].is_temporal()):
+            raise InputError(f"{path}: column 'timestamp' has type {schema['timestamp']}, expected a number or "
+                             "datetime")
+    else:
+        history = schema["history"]
+        if not isinstance(history, pl.List) or not _is_id(history.inner):
+            raise InputError(f"{path}: column 'history' has type {history}, expected a list of item ids")
+        item = history.inner
+    if item_dtype is not None and (item == pl.String) != (item_dtype == pl.String):
+        column = "item_id" if interactions else "history"
+        raise InputError(f"{path}: column '{column}' holds {item} item ids, but the model's item ids are "
+                         f"{item_dtype}")
+    return schema
+
+
+def score_users(
+    users_path: Path,
+    artifacts: Path,
+    out: Path,
+    *,
+    interactions: bool = False,
+    top_k: int = 20,
+    batch_size: int = 64,
+    device: str = "auto",
+    threads: int = 0,
+    include_history: bool = False,
+    variant: str = "",
+    resume: bool = False,
+    overwrite: bool = False,
+    chunk_size: int = DEFAULT_CHUNK,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Run the job over `users_path` (or grouped interactions) and write OUT_DIR; returns the summary."""
+    users_path, out = Path(users_path), Path(out)
+    started = time.perf_counter()
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    check_users_schema(users_path, interactions=interactions)  # before any model work
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise InputError(f"{out}: not empty; pass --resume to finish an interrupted job or --overwrite to replace it")
+    recommender = Recommender(artifacts, top_k=top_k, batch_size=batch_size, device=device, threads=threads,
+                              include_history=include_history, variant=variant)
+    check_users_schema(users_path, recommender.item_id_dtype, interactions=interactions)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    job = {"input": str(users_path.resolve()), "input_bytes": users_path.stat().st_size,
+           "input_mtime_ns": users_path.stat().st_mtime_ns, "interactions": interactions,
+           "manifest_sha256": recommender.manifest_sha256, "top_k": top_k, "include_history": include_history,
+           "variant": variant, "chunk_size": chunk_size}
+    _check_job(out, job, resume)
+    (out / SUCCESS).unlink(missing_ok=True)
+    source = _grouped_interactions(users_path, out) if interactions else users_path
+    rows = pl.scan_parquet(source).select(pl.len()).collect().item()
+    if rows == 0:
+        raise InputError(f"{users_path}: no rows, nothing to score")
+    chunks = max(1, math.ceil(rows / chunk_size))
+    (out / STATS_DIR).mkdir(exist_ok=True)
+    done = [k for k in range(chunks) if (out / _part(k)).exists()]
+    first_open = next((k for k in range(chunks) if k not in set(done)), chunks)
+    seen = _seen_before(source, first_open * chunk_size)
+    logger.info("scoring %d users in %d chunk(s) of %d on %s%s", rows, chunks, chunk_size,
+                recommender.providers[0], f" (resuming: {len(done)} done)" if done else "")
+    for k in range(chunks):
+        if (out / _part(k)).exists():
+            continue
+        users = pl.scan_parquet(source).slice(k * chunk_size, chunk_size).collect()
+        if k != first_open:  # chunks finish in order; a later finished one cannot precede an open one
+            seen = _seen_before(source, k * chunk_size)
+        recs, rejects, stats = recommender.recommend(users, seen)
+        hashes = users["user_id"].drop_nulls().hash(seed=0).to_numpy()
+        seen = np.union1d(seen, hashes)
+        first_open = k + 1
+        _atomic_parquet(rejects, out / STATS_DIR / f"rejects-{k:05d}.parquet")
+        (out / STATS_DIR / f"stats-{k:05d}.json").write_text(json.dumps(stats))
+        _atomic_parquet(recs, out / _part(k))  # the commit point of chunk k
+        if on_chunk is not None:
+            on_chunk(k, chunks)
+    summary = _finish(out, chunks, recommender, time.perf_counter() - started, rows)
+    return summary
+
+
+def _part(k: int) -> str:
+    return f"part-{k:05d}.parquet"
+
+
+def _atomic_parquet(df: pl.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    df.write_parquet(tmp)
+    tmp.replace(path)
+
+
+def _check_job(out: Path, job: dict, resume: bool) -> None:
+    path = out / JOB_FILE
+    if resume and path.exists():
+        previous = json.loads(path.read_text())
+        changed = [k for k in job if previous.get(k) != job[k]]
+        if changed:
+            raise InputError(f"{out}: the interrupted job had another {', '.join(changed)}; "
+                             "use --overwrite to start over")
+        return
+    if any(out.iterdir()):  # --overwrite removed everything already; --resume without a job file: start over
+        for child in out.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    path.write_text(json.dumps(job, indent=2) + "\n")
+
+
+def _grouped_interactions(path: Path, out: Path) -> Path:
+    """user_id, item_id, timestamp rows -> OUT_DIR/_work/users.parquet (user_id, history oldest first)."""
+    target = out / WORK_DIR / "users.parquet"
+    if target.exists():
+        return target
+    target.parent.mkdir(exist_ok=True)
+    lazy = pl.scan_parquet(path).with_row_index("_order")
+    grouped = (lazy.sort("user_id", "timestamp", "_order", nulls_last=True)
+               .group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("history")))
+    tmp = target.with_name(f".{target.name}.tmp")
+    grouped.sink_parquet(tmp)
+    tmp.replace(target)
+    return target
+
+
+def _seen_before(source: Path, rows: int) -> np.ndarray:
+    """Sorted hashes of the (non-null) user ids in the first `rows` rows."""
+    if rows == 0:
+        return np.empty(0, dtype=np.uint64)
+    ids = pl.scan_parquet(source).select("user_id").slice(0, rows).collect()["user_id"].drop_nulls()
+    return np.unique(ids.hash(seed=0).to_numpy())
+
+
+def _finish(out: Path, chunks: int, recommender: Recommender, seconds: float, rows: int) -> dict:
+    totals: Counter = Counter()
+    for k in range(chunks):
+        totals.update(json.loads((out / STATS_DIR / f"stats-{k:05d}.json").read_text()))
+    rejects = [pl.read_parquet(p) for p in sorted((out / STATS_DIR).glob("rejects-*.parquet"))]
+    rejects = pl.concat(rejects) if rejects else pl.DataFrame(schema={"user_id": pl.Int64, "reason": pl.String})
+    _atomic_parquet(rejects, out / "rejects.parquet")
+    padded = max(totals["padded_tokens"], 1)
+    summary = {
+        "users_in": totals["users_in"], "users_scored": totals["scored"],
+        "users_rejected": {r: totals.get(f"rejected:{r}", 0) for r in REJECT_REASONS},
+        "unknown_items_dropped": totals["unknown_items_dropped"],
+        "chunks": chunks, "seconds": round(seconds, 2),
+        "users_per_second": round(totals["scored"] / seconds, 2) if seconds else None,
+        "tokens_per_second": round(totals["real_tokens"] / seconds, 1) if seconds else None,
+        "padding_efficiency": round(totals["real_tokens"] / padded, 4),
+        "provider": recommender.providers[0], "providers": recommender.providers,
+        "model": str(recommender.artifacts), "model_kind": recommender.embedder.kind,
+        "manifest_sha256": recommender.manifest_sha256, "top_k": recommender.top_k,
+    }
+    if summary["users_in"] != rows:
+        raise RuntimeError(f"internal error: {rows} input rows but {summary['users_in']} accounted for")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    (out / SUCCESS).write_text("")
+    return summary

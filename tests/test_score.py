@@ -1,0 +1,221 @@
+"""The nightly job: every user accounted for once, the same result in any chunking, resumable after kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+from test_laser import small_config
+
+from laser_batch.artifacts import Embedder
+from laser_batch.errors import ArtifactError, InputError
+from laser_batch.exporters.export import export_run
+from laser_batch.score import Recommender, score_users
+from laser_batch.train import train_sasrec
+from laser_batch.train_laser import train_laser
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    from laser_batch.examples.synthetic import write_example
+
+    root = tmp_path_factory.mktemp("score")
+    write_example(root / "data", users=60, items=40, seed=11)
+    config = small_config(laser={"center": True})
+    train_sasrec(root / "data", root / "run", config)
+    export_run(root / "run", root / "sasrec_art", model="sasrec")
+    train_laser(root / "run", config)
+    export_run(root / "run", root / "laser_art")
+    return root
+
+
+def _users(root, n=None):
+    """The example users' full histories (user_id, history), oldest first."""
+    inter = pl.read_parquet(root / "data" / "interactions.parquet").sort("user_id", "timestamp")
+    users = inter.group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("history"))
+    return users if n is None else users.head(n)
+
+
+def _write(df, path):
+    df.write_parquet(path)
+    return path
+
+
+def _recs(out):
+    return pl.concat([pl.read_parquet(p) for p in sorted(out.glob("part-*.parquet"))]).sort("user_id", "rank")
+
+
+@pytest.mark.parametrize("kind", ["laser_art", "sasrec_art"])
+def test_recommendations_are_the_top_k_by_score_excluding_history(artifacts, tmp_path, kind):
+    users = _users(artifacts, 25)
+    summary = score_users(_write(users, tmp_path / "users.parquet"), artifacts / kind, tmp_path / "out", top_k=5,
+                          batch_size=4)
+    recs = _recs(tmp_path / "out")
+    assert summary["users_scored"] == 25 and (tmp_path / "out" / "_SUCCESS").exists()
+    assert recs.schema == pl.Schema({"user_id": pl.Int64, "rank": pl.Int32, "item_id": pl.Int64,
+                                     "score": pl.Float32})
+    # Independently: embed with the graphs, score every item, drop the history, take the 5 best.
+    embedder = Embedder(artifacts / kind)
+    item_ids = pl.read_parquet(artifacts / kind / "item_ids.parquet").sort("index")["item_id"].to_list()
+    index = {item: i + 1 for i, item in enumerate(item_ids)}
+    matrix = np.load(artifacts / kind / "item_matrix.npy")
+    for user_id, history in users.iter_rows():
+        internal = np.array([index[i] for i in history])
+        scores = embedder.embed([internal])[0] @ matrix.T
+        scores[internal - 1] = -np.inf
+        expected = [item_ids[j] for j in np.argsort(-scores, kind="stable")[:5]]
+        mine = recs.filter(pl.col("user_id") == user_id)
+        assert mine["rank"].to_list() == [1, 2, 3, 4, 5]
+        assert mine["item_id"].to_list() == expected
+        assert not set(mine["item_id"]) & set(history)
+        np.testing.assert_allclose(mine["score"].to_numpy(), np.sort(scores)[::-1][:5], rtol=1e-5)
+
+
+def test_every_input_user_is_in_the_output_or_rejects_exactly_once(artifacts, tmp_path):
+    good = _users(artifacts, 12)
+    known = good["history"][0].to_list()
+    bad = pl.DataFrame({
+        "user_id": [good["user_id"][0], None, 9001, 9002, 9003, 9004, 9005],
+        "history": [known, known, [], None, [777777, 888888], [777777] * 3 + known * 40, known[:1]],
+    }, schema={"user_id": pl.Int64, "history": pl.List(pl.Int64)})
+    users = pl.concat([good, bad])
+    summary = score_users(_write(users, tmp_path / "u.parquet"), artifacts / "laser_art", tmp_path / "out",
+                          top_k=3, chunk_size=5)
+    recs, rejects = _recs(tmp_path / "out"), pl.read_parquet(tmp_path / "out" / "rejects.parquet")
+    scored = recs["user_id"].unique().to_list()
+    assert sorted(scored) == sorted([*good["user_id"].to_list(), 9004, 9005])
+    assert sorted(rejects.rows(), key=str) == sorted([
+        (good["user_id"][0], "duplicate user"), (None, "null user_id"), (9001, "empty history"),
+        (9002, "empty history"), (9003, "no known items")], key=str)
+    assert len(scored) + rejects.height == users.height == summary["users_in"]
+    assert summary["users_rejected"] == {"null user_id": 1, "duplicate user": 1, "empty history": 2,
+                                         "no known items": 1}
+    assert summary["unknown_items_dropped"] == 5  # 2 of user 9003 and 3 of the very long history 9004
+
+
+def test_chunking_and_batching_do_not_change_the_result(artifacts, tmp_path):
+    path = _write(_users(artifacts), tmp_path / "users.parquet")
+    score_users(path, artifacts / "laser_art", tmp_path / "a", chunk_size=7, batch_size=3)
+    score_users(path, artifacts / "laser_art", tmp_path / "b", chunk_size=1000, batch_size=64)
+    a, b = _recs(tmp_path / "a"), _recs(tmp_path / "b")
+    assert a.select("user_id", "rank", "item_id").equals(b.select("user_id", "rank", "item_id"))
+    np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), atol=1e-5)
+    assert len(list((tmp_path / "a").glob("part-*.parquet"))) == 9
+
+
+def test_interactions_input_is_grouped_by_time(artifacts, tmp_path):
+    inter = pl.read_parquet(artifacts / "data" / "interactions.parquet").sample(fraction=1.0, shuffle=True, seed=1)
+    score_users(_write(inter, tmp_path / "inter.parquet"), artifacts / "laser_art", tmp_path / "a",
+                interactions=True)
+    score_users(_write(_users(artifacts), tmp_path / "users.parquet"), artifacts / "laser_art", tmp_path / "b")
+    assert _recs(tmp_path / "a").select("user_id", "item_id").equals(_recs(tmp_path / "b").select("user_id",
+                                                                                                   "item_id"))
+    assert not (tmp_path / "a" / "_work").exists()
+
+
+def test_resume_after_kill_9_gives_the_uninterrupted_result(artifacts, tmp_path):
+    users = _users(artifacts)
+    many = pl.concat([users.with_columns(pl.col("user_id") + 1000 * i) for i in range(40)])  # 2400 users
+    path = _write(many, tmp_path / "users.parquet")
+    command = [sys.executable, "-m", "laser_batch.cli", "score", str(path), "--model", str(artifacts / "laser_art"),
+               "--chunk-size", "20", "--batch-size", "8", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([*command, "--out", str(tmp_path / "killed")], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "killed" / "part-00003.parquet").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert not (tmp_path / "killed" / "_SUCCESS").exists(), "the job ended before it could be killed"
+    refused = subprocess.run([*command, "--out", str(tmp_path / "killed")], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "not empty; pass --resume" in refused.stderr
+    subprocess.run([*command, "--out", str(tmp_path / "killed"), "--resume"], env=env, check=True,
+                   capture_output=True)
+    subprocess.run([*command, "--out", str(tmp_path / "straight")], env=env, check=True, capture_output=True)
+    killed, straight = _recs(tmp_path / "killed"), _recs(tmp_path / "straight")
+    assert killed.height == straight.height == 2400 * 20
+    assert killed.select("user_id", "rank", "item_id").equals(straight.select("user_id", "rank", "item_id"))
+    assert killed.select("user_id", "rank").is_unique().all()
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["users_in"] == summary["users_scored"] == 2400
+    assert not list((tmp_path / "killed").glob(".*tmp*"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.write_bytes(b"not parquet at all"), "not a readable Parquet file"),
+    (lambda p: p.write_bytes(b""), "not a readable Parquet file"),
+    (lambda p: pl.DataFrame({"user_id": [1], "items": [[1]]}).write_parquet(p), "missing column(s) history"),
+    (lambda p: pl.DataFrame({"user_id": [1], "history": ["1 2 3"]}).write_parquet(p),
+     "column 'history' has type String, expected a list of item ids"),
+    (lambda p: pl.DataFrame({"user_id": [1.5], "history": [[1]]}).write_parquet(p),
+     "column 'user_id' has type Float64"),
+    (lambda p: pl.DataFrame({"user_id": [1], "history": [["a"]]}).write_parquet(p),
+     "holds String item ids, but the model's item ids are Int64"),
+    (lambda p: pl.DataFrame(schema={"user_id": pl.Int64, "history": pl.List(pl.Int64)}).write_parquet(p),
+     "no rows, nothing to score"),
+])
+def test_bad_input_is_one_clear_error_and_writes_nothing(artifacts, tmp_path, make, message):
+    make(tmp_path / "users.parquet")
+    with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        score_users(tmp_path / "users.parquet", artifacts / "laser_art", tmp_path / "out")
+    assert not (tmp_path / "out" / "_SUCCESS").exists() and not list(tmp_path.glob("out/part-*"))
+
+
+def test_out_dir_and_artefact_errors(artifacts, tmp_path):
+    import shutil
+
+    path = _write(_users(artifacts, 5), tmp_path / "users.parquet")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("something")
+    with pytest.raises(InputError, match="not empty; pass --resume"):
+        score_users(path, artifacts / "laser_art", tmp_path / "out")
+    score_users(path, artifacts / "laser_art", tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "x").exists()
+    broken = tmp_path / "art"
+    shutil.copytree(artifacts / "laser_art", broken)
+    (broken / "sasrec.onnx").write_bytes(b"x" + (broken / "sasrec.onnx").read_bytes()[1:])
+    with pytest.raises(ArtifactError, match="sasrec.onnx: checksum does not match"):
+        score_users(path, broken, tmp_path / "out2")
+    (broken / "item_matrix.npy").unlink()
+    with pytest.raises(ArtifactError, match="listed in the manifest but missing"):
+        Recommender(broken)
+
+
+def test_device_cuda_without_a_gpu_is_an_error(artifacts):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.InferenceSession(
+            str(artifacts / "laser_art" / "sasrec.onnx"), providers=["CUDAExecutionProvider"]).get_providers():
+        pytest.skip("this machine has a working CUDA provider")
+    with pytest.raises(ArtifactError, match="--device cuda: ONNX Runtime could not start its CUDA"):
+        Recommender(artifacts / "laser_art", device="cuda")
+
+
+def test_evaluate_from_outputs_matches_the_torch_evaluation(artifacts, tmp_path):
+    from typer.testing import CliRunner
+
+    from laser_batch.cli import app
+    from laser_batch.evaluate import evaluate_run
+
+    users = _users(artifacts)
+    held_in = users.with_columns(pl.col("history").list.slice(0, pl.col("history").list.len() - 1))
+    truth = users.select("user_id", pl.col("history").list.last().alias("item_id"))
+    score_users(_write(held_in, tmp_path / "users.parquet"), artifacts / "laser_art", tmp_path / "out", top_k=20)
+    _write(truth, tmp_path / "truth.parquet")
+    result = CliRunner().invoke(app, ["evaluate", "--recs", str(tmp_path / "out"), "--truth",
+                                      str(tmp_path / "truth.parquet"), "--k", "10", "--k", "20",
+                                      "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    mine = json.loads((tmp_path / "m.json").read_text())
+    torch_eval = evaluate_run(artifacts / "run", model="laser", split="test")["metrics"]
+    assert mine["cases"] == 60 and mine["cases_without_recommendations"] == 0
+    assert mine["metrics"]["HR@10"] == pytest.approx(torch_eval["HR@10"], abs=1 / 60)
+    assert mine["metrics"]["NDCG@20"] == pytest.approx(torch_eval["NDCG@20"], abs=0.02)
+    too_deep = CliRunner().invoke(app, ["evaluate", "--recs", str(tmp_path / "out"), "--truth",
+                                        str(tmp_path / "truth.parquet"), "--k", "50"])
+    assert too_deep.exit_code == 2 and "only the top 20" in too_deep.output
