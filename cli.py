@@ -274,6 +274,7 @@ def score(
     variant: Annotated[str, typer.Option("--variant", help="A quantised user-encoder variant of the "
                                          "artefacts (see manifest.json), e.g. nbits8.")] = "",
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Users read and written per part file.")] = 50_000,
+    show: Annotated[int, typer.Option("--show", help="Print the top 5 of this many users when done.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted job in OUT.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the contents of OUT.")] = False,
 ) -> None:
@@ -287,6 +288,22 @@ def score(
     rejected = sum(summary["users_rejected"].values())
     typer.echo(f"{out}: {summary['users_scored']} users scored, {rejected} rejected, "
                f"{summary['users_per_second']} users/s on {summary['provider']}")
+    if show:
+        _show(out, model, show)
+
+
+def _show(out: Path, model: Path, users: int) -> None:
+    import polars as pl
+
+    recs = pl.read_parquet(out / "part-00000.parquet").filter(pl.col("rank") <= 5)
+    titles = model / "items.parquet"  # Laser artefacts carry the item texts; SASRec-only ones do not
+    if titles.exists():
+        recs = recs.join(pl.read_parquet(titles).select("item_id", "title"), on="item_id", how="left",
+                         maintain_order="left")
+    for user_id in recs["user_id"].unique(maintain_order=True).head(users):
+        typer.echo(f"user {user_id}:")
+        for row in recs.filter(pl.col("user_id") == user_id).iter_rows(named=True):
+            typer.echo(f"  {row['rank']}. {row.get('title') or row['item_id']}  ({row['score']:.3f})")
 
 
 def main() -> None:

@@ -219,3 +219,18 @@ def test_evaluate_from_outputs_matches_the_torch_evaluation(artifacts, tmp_path)
     too_deep = CliRunner().invoke(app, ["evaluate", "--recs", str(tmp_path / "out"), "--truth",
                                         str(tmp_path / "truth.parquet"), "--k", "50"])
     assert too_deep.exit_code == 2 and "only the top 20" in too_deep.output
+
+
+def test_cli_score_shows_the_top_titles(artifacts, tmp_path):
+    from typer.testing import CliRunner
+
+    from laser_batch.cli import app
+
+    path = _write(_users(artifacts, 6), tmp_path / "users.parquet")
+    result = CliRunner().invoke(app, ["score", str(path), "--model", str(artifacts / "laser_art"), "--out",
+                                      str(tmp_path / "out"), "--show", "2", "--top-k", "5"])
+    assert result.exit_code == 0, result.output
+    assert "6 users scored, 0 rejected" in result.output
+    titles = set(pl.read_parquet(artifacts / "laser_art" / "items.parquet")["title"])
+    shown = [line.strip() for line in result.output.splitlines() if line.startswith("  ")]
+    assert len(shown) == 10 and all(line.split(". ", 1)[1].rsplit("  (", 1)[0] in titles for line in shown)
