@@ -13,6 +13,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- sasrec-table:begin -->", "<!-- sasrec-table:end -->"
+TABLES = ("sasrec", "laser", "export")  # each between <!-- NAME-table:begin --> and <!-- NAME-table:end -->
+LASER_ROWS = (("popularity", "popularity"), ("sasrec", "SASRec alone (frozen ID model)"), ("laser", "**Laser**"),
+              ("laser_no_prefix", "Laser, no prefix"), ("laser_no_moe", "Laser, no MoE (K = 1)"))
 DATASETS = ("Beauty", "Sports_and_Outdoors", "LastFM")
 
 
@@ -50,10 +53,52 @@ def sasrec_table(results_dir: Path) -> str:
     return "\n".join(rows) + note
 
 
-def render(readme: str, table: str) -> str:
-    head, _, rest = readme.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    return f"{head}{BEGIN}\n{table}\n{END}{tail}"
+def laser_table(results_dir: Path) -> str:
+    path = results_dir / "laser_ml100k.json"
+    if not path.exists():
+        return "(no results yet: run python benchmarks/laser_ml100k.py)"
+    r = json.loads(path.read_text())
+    rows = ["| model | HR@10 | NDCG@10 | MRR | s / epoch | trained parameters |", "|---|---|---|---|---|---|"]
+    for key, label in LASER_ROWS:
+        m = r["models"].get(key)
+        run = r.get("runs", {}).get(key, {})
+        if m is None:
+            rows.append(f"| {label} | not run | | | | |")
+            continue
+        rows.append(f"| {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | {_fmt(m, 'MRR')} "
+                    f"| {run.get('seconds_per_epoch', '')} | {run.get('trainable_parameters', '')} |")
+    llm = Path(r["config"]["llm"]["source"]).name
+    return "\n".join(rows) + (f"\nMovieLens-100K, test split, full ranking; LLM {llm} ({r['config']['llm']['dtype']});"
+                              f" measured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
+
+
+def export_table(results_dir: Path) -> str:
+    path = results_dir / "export_smollm2.json"
+    if not path.exists():
+        return "(no results yet: run python benchmarks/export_smollm2.py)"
+    r = json.loads(path.read_text())
+    e2e = r["fp32"]["end_to_end"]
+    rows = ["| user encoder | MB | top-10 same as torch/fp32 | emb. cosine mean / worst | Recall@10 change "
+            "| speed vs ORT fp32 |", "|---|---|---|---|---|---|",
+            f"| fp32 (vs torch) | {r['files']['user_encoder.onnx'] / 1e6:.0f} | {e2e['top10']['same_set']:.1%} "
+            f"| {e2e['mean_cosine']:.5f} / {e2e['min_cosine']:.5f} | | 1.00x |"]
+    for scheme, v in r["int8"].items():
+        rows.append(f"| {scheme} | {v['bytes'] / 1e6:.0f} | {v['top10_vs_fp32']['same_set']:.1%} "
+                    f"| {v['mean_cosine']:.4f} / {v['min_cosine']:.4f} | {v['recall@10_change']:+.4f} "
+                    f"| {v['speedup_vs_fp32']:.2f}x |")
+    return "\n".join(rows) + (f"\nSmolLM2-135M Laser run of the ML-100K benchmark, {e2e['users']} held-out users; "
+                              f"export took {r['export_seconds']:.0f} s; recommended CPU variant: "
+                              f"{r['recommended_cpu_variant']}; measured on {r['machine']['cpu']}, "
+                              f"{r['machine']['torch_threads']} threads.")
+
+
+def render(readme: str, table: str, name: str = "sasrec") -> str:
+    begin, end = f"<!-- {name}-table:begin -->", f"<!-- {name}-table:end -->"
+    if begin not in readme:
+        return readme
+    head, _, rest = readme.partition(begin)
+    _, _, tail = rest.partition(end)
+    return f"{head}{begin}\n{table}\n{end}{tail}"
 
 
 def main() -> None:
@@ -62,7 +107,10 @@ def main() -> None:
     args = parser.parse_args()
     readme_path = ROOT / "README.md"
     readme = readme_path.read_text()
-    updated = render(readme, sasrec_table(ROOT / "benchmarks" / "results"))
+    results = ROOT / "benchmarks" / "results"
+    updated = readme
+    for name, make in (("sasrec", sasrec_table), ("laser", laser_table), ("export", export_table)):
+        updated = render(updated, make(results), name)
     if args.check:
         sys.exit(0 if updated == readme else 1)
     readme_path.write_text(updated)
