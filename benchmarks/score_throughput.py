@@ -1,0 +1,205 @@
+"""Scoring throughput: our ONNX Runtime scorer (each artefact variant) vs PyTorch reference scorers, same users.
+
+    python benchmarks/score_throughput.py [--threads 2] [--users 256] [--scaling 10000 100000 1000000]
+
+- smollm2: the SmolLM2-135M Laser run of benchmarks/laser_ml100k.py and its artefacts from
+  benchmarks/export_smollm2.py; held-out (test-split) users. PyTorch references are built from the trained torch
+  modules and the Hugging Face LLM: eager fp32, eager with bf16 weights, and torch.compile (inductor, freezing)
+  with bf16 weights. Every scorer embeds the same users in the same length-grouped batches; users/s counts the
+  user embedding and the cosine scores against the whole item matrix. Top-10 agreement is against torch fp32.
+- tiny: the same with a Laser run on the synthetic example and the embedded tiny LLM.
+- scaling: `laser-batch score` (a fresh process each) on 10k / 100k / 1M synthetic users with the tiny artefacts:
+  users/s and peak RSS.
+
+Writes benchmarks/results/score_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sasrec_s3rec import machine
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / "work"
+
+
+def _batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    order = np.argsort(lengths, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _top10(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    from laser_batch.exporters.export import top_k
+
+    return top_k(users, items, 10)
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([set(x) == set(y) for x, y in zip(a.tolist(), b.tolist(), strict=True)]))
+
+
+def compare(run: Path, artifacts: Path, users: int, threads: int, batch_size: int) -> dict:
+    """Users/s of torch eager fp32 / bf16 / compiled bf16 and of every ORT variant, on the same users."""
+    import torch
+
+    from laser_batch.artifacts import Embedder
+    from laser_batch.checkpoint import load_laser, read_run_info
+    from laser_batch.config import TextConfig
+    from laser_batch.contracts import load_data_dir
+    from laser_batch.encode import laser_inputs
+    from laser_batch.exporters.export import _sample
+    from laser_batch.llm import LLMConfig, load_llm
+    from laser_batch.sequences import build_sequences
+
+    torch.set_num_threads(threads)
+    dataset = load_data_dir(read_run_info(run)["data_dir"])
+    sequences = build_sequences(dataset.interactions)
+    histories, _ = _sample(*sequences.split("test"), users)
+    embedder = Embedder(artifacts, device="cpu", threads=threads)
+    item_matrix = np.load(artifacts / "item_matrix.npy").astype(np.float32)
+    batches = _batches(embedder.text.lengths(histories), batch_size)
+    out: dict = {"users": len(histories), "batch_size": batch_size}
+
+    def timed(embed) -> tuple[np.ndarray, float]:
+        embed([histories[i] for i in batches[0]])  # warm-up (and compilation)
+        result = np.empty((len(histories), item_matrix.shape[1]), dtype=np.float32)
+        started = time.perf_counter()
+        for rows in batches:
+            result[rows] = embed([histories[i] for i in rows])
+            _ = result[rows] @ item_matrix.T
+        return result, len(histories) / (time.perf_counter() - started)
+
+    manifest = embedder.manifest
+    source = manifest["settings"]["llm"]["source"]
+    model, _, config = load_laser(run, llm=load_llm(LLMConfig(source=source, dtype=manifest["settings"][
+        "trained_llm_dtype"])))
+    inputs = laser_inputs(model.llm, dataset.items, sequences, TextConfig(**config["text"]),
+                          model.sasrec.config.max_len)
+
+    def torch_embed(histories_batch):
+        with torch.no_grad():
+            return model(*inputs.users(histories_batch))[0].float().numpy()
+
+    model.llm.model.float()
+    reference, out["torch_fp32_users_per_s"] = timed(torch_embed)
+    model.llm.model.to(torch.bfloat16)
+    bf16, out["torch_bf16_users_per_s"] = timed(torch_embed)
+    out["torch_bf16_top10_agreement"] = _agreement(_top10(reference, item_matrix), _top10(bf16, item_matrix))
+    try:
+        import torch._inductor.config as inductor
+
+        inductor.freezing = True
+        compiled = torch.compile(model.llm.model, dynamic=True)
+        eager = model.llm.model
+        model.llm.model = compiled
+        _, out["torch_compile_bf16_users_per_s"] = timed(torch_embed)
+        model.llm.model = eager
+    except Exception as e:  # report, do not hide: compilation needs a C++ toolchain
+        out["torch_compile_bf16_users_per_s"] = None
+        out["torch_compile_error"] = str(e).splitlines()[0][:300]
+    reference_top = _top10(reference, item_matrix)
+    out["ort"] = []
+    variants = ["", *manifest["graphs"]["user_encoder"].get("variants", {})]
+    for variant in variants:
+        ort = Embedder(artifacts, device="cpu", threads=threads, variant=variant, verify=False)
+        got, speed = timed(ort.embed)
+        out["ort"].append({"variant": variant or "fp32", "users_per_s": round(speed, 2),
+                           "top10_agreement": _agreement(reference_top, _top10(got, item_matrix))})
+    real = padded = 0
+    for rows in batches:
+        mask = embedder.feeds([histories[i] for i in rows])["attention_mask"]
+        real, padded = real + int(mask.sum()), padded + mask.size
+    out["padding_efficiency"] = round(real / padded, 4)
+    for key in ("torch_fp32_users_per_s", "torch_bf16_users_per_s", "torch_compile_bf16_users_per_s"):
+        if out.get(key) is not None:
+            out[key] = round(out[key], 2)
+    return out
+
+
+def tiny_run(work: Path, threads: int) -> tuple[Path, Path]:
+    """A Laser run on the synthetic example with the tiny LLM, exported (with quantised variants)."""
+    from laser_batch.config import load_config
+    from laser_batch.examples.synthetic import write_example
+    from laser_batch.exporters.export import export_run
+    from laser_batch.train import train_sasrec
+    from laser_batch.train_laser import train_laser
+
+    run, artifacts = work / "run", work / "artifacts"
+    if not (artifacts / "manifest.json").exists():
+        write_example(work / "data", users=1000, items=400, seed=0)
+        config = load_config(HERE.parent / "examples" / "laser.toml", train={"threads": threads})
+        train_sasrec(work / "data", run, config, overwrite=True)
+        train_laser(run, config, overwrite=True)
+        export_run(run, artifacts, quantize=["int8"], threads=threads, overwrite=True)
+    return run, artifacts
+
+
+def scaling(artifacts: Path, work: Path, sizes: list[int], threads: int) -> list[dict]:
+    """`laser-batch score` on synthetic users in a fresh process each: users/s and peak RSS."""
+    import polars as pl
+
+    item_ids = pl.read_parquet(artifacts / "item_ids.parquet")["item_id"].to_numpy()
+    rows = []
+    for size in sizes:
+        path = work / f"users_{size}.parquet"
+        if not path.exists():
+            rng = np.random.default_rng(size)
+            lengths = rng.integers(3, 30, size=size)
+            flat = item_ids[rng.integers(0, len(item_ids), size=int(lengths.sum()))]
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            history = pl.Series("history", [flat[offsets[i]:offsets[i + 1]] for i in range(size)])
+            pl.DataFrame({"user_id": np.arange(size), "history": history}).write_parquet(path, row_group_size=50_000)
+        code = ("import json, resource, sys; from laser_batch.score import score_users; "
+                f"s = score_users({str(path)!r}, {str(artifacts)!r}, {str(work / f'recs_{size}')!r}, "
+                f"threads={threads}, overwrite=True); "
+                "s['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(s))")
+        done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+        summary = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append({"users": size, "users_per_s": summary["users_per_second"],
+                     "peak_rss_mb": round(summary["peak_rss_mb"], 1), "padding_efficiency":
+                         summary["padding_efficiency"], "provider": summary["provider"]})
+        logging.info("scaling %s", rows[-1])
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, default=WORK / "ml100k" / "run_laser")
+    parser.add_argument("--artifacts", type=Path, default=WORK / "ml100k" / "artifacts")
+    parser.add_argument("--users", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--scaling", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--skip", action="append", choices=["smollm2", "tiny", "scaling"], default=[])
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "score_throughput.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    record = json.loads(args.results.read_text()) if args.results.exists() else {}
+    if "smollm2" not in args.skip:
+        record["smollm2"] = compare(args.run, args.artifacts, args.users, args.threads, args.batch_size)
+        logging.info("smollm2 %s", record["smollm2"])
+    tiny_work = WORK / "score_tiny"
+    if "tiny" not in args.skip or "scaling" not in args.skip:
+        run, artifacts = tiny_run(tiny_work, args.threads)
+    if "tiny" not in args.skip:
+        record["tiny"] = compare(run, artifacts, args.users, args.threads, args.batch_size)
+        logging.info("tiny %s", record["tiny"])
+    if "scaling" not in args.skip:
+        record["scaling"] = scaling(artifacts, tiny_work, args.scaling, args.threads)
+    record.update(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=machine(),
+                  peak_rss_mb_this_process=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
