@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import subprocess
 import sys
 import time
@@ -184,21 +183,28 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     record = json.loads(args.results.read_text()) if args.results.exists() else {}
+    record.update(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=machine())
+
+    def save() -> None:  # after every section, so a long run keeps what it measured
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.write_text(json.dumps(record, indent=2) + "\n")
+
     if "smollm2" not in args.skip:
         record["smollm2"] = compare(args.run, args.artifacts, args.users, args.threads, args.batch_size)
         logging.info("smollm2 %s", record["smollm2"])
+        save()
     tiny_work = WORK / "score_tiny"
     if "tiny" not in args.skip or "scaling" not in args.skip:
         run, artifacts = tiny_run(tiny_work, args.threads)
     if "tiny" not in args.skip:
         record["tiny"] = compare(run, artifacts, args.users, args.threads, args.batch_size)
         logging.info("tiny %s", record["tiny"])
+        save()
     if "scaling" not in args.skip:
-        record["scaling"] = scaling(artifacts, tiny_work, args.scaling, args.threads)
-    record.update(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=machine(),
-                  peak_rss_mb_this_process=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(record, indent=2) + "\n")
+        record["scaling"] = []
+        for size in args.scaling:
+            record["scaling"] += scaling(artifacts, tiny_work, [size], args.threads)
+            save()
 
 
 if __name__ == "__main__":
