@@ -80,12 +80,32 @@ def providers(device: str = "auto") -> list[str]:
 
     if device == "cpu":
         return ["CPUExecutionProvider"]
+    if device == "auto" and not _cuda_loadable():
+        return ["CPUExecutionProvider"]  # no CUDA libraries: do not make ONNX Runtime try (and log errors)
     available = ort.get_available_providers()
     if device == "cuda" and "CUDAExecutionProvider" not in available:
         raise ArtifactError("--device cuda: this onnxruntime has no CUDA execution provider")
     if "CUDAExecutionProvider" in available and device in ("auto", "cuda"):
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def _cuda_loadable() -> bool:
+    """Whether onnxruntime's CUDA provider library and its CUDA/cuDNN dependencies can be loaded here.
+
+    `get_available_providers()` lists CUDA for every onnxruntime-gpu install, GPU or not.
+    """
+    import ctypes
+
+    import onnxruntime as ort
+
+    capi = Path(ort.__file__).parent / "capi"
+    try:
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(str(capi / "libonnxruntime_providers_cuda.so"))
+    except OSError:
+        return False
+    return True
 
 
 def session(path: Path, provider_list: Sequence[str], *, threads: int = 0):

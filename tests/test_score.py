@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,5 +233,5 @@ def test_cli_score_shows_the_top_titles(artifacts, tmp_path):
     assert result.exit_code == 0, result.output
     assert "6 users scored, 0 rejected" in result.output
     titles = set(pl.read_parquet(artifacts / "laser_art" / "items.parquet")["title"])
-    shown = [line.strip() for line in result.output.splitlines() if line.startswith("  ")]
+    shown = [line.strip() for line in result.output.splitlines() if re.match(r"  \d+\. ", line)]
     assert len(shown) == 10 and all(line.split(". ", 1)[1].rsplit("  (", 1)[0] in titles for line in shown)
