@@ -143,6 +143,9 @@ class MFormerConfig:
     cross_attention_freq: int = 2
     top_k: int = 1
     id_window: int = 10  # the last N history positions of the frozen SASRec feed the cross-attention
+    # Multiplies the initial output projection: < 1 starts the prefix below the LLM's token-embedding scale (at 1,
+    # SmolLM2's initial prefix rows are 2.7x its token rows and decide its output: benchmarks/laser_prefix_leverage.py)
+    output_init_scale: float = 1.0
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -160,6 +163,7 @@ class MFormerConfig:
         _require(self.hidden_size == 0 or self.hidden_size % self.num_heads == 0, "mformer.num_heads",
                  self.num_heads, f"a divisor of hidden_size ({self.hidden_size})")
         _require(0.0 <= self.dropout < 1.0, "mformer.dropout", self.dropout, "a number in [0, 1)")
+        _require(self.output_init_scale > 0, "mformer.output_init_scale", self.output_init_scale, "a positive number")
 
 
 @dataclass

@@ -111,6 +111,8 @@ class MFormer(nn.Module):
         self.out_proj = nn.Linear(width, llm_size)
         self.apply(_init_weights)
         nn.init.normal_(self.queries, std=0.02)
+        with torch.no_grad():
+            self.out_proj.weight.mul_(config.output_init_scale)
 
     def route(self, ids: torch.Tensor, id_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Projected ids (B, N, D) + mask (B, N) -> experts (B, k), weights (B, k), probs (B, K), lb_loss."""

@@ -138,3 +138,14 @@ def test_width_is_sized_to_the_llm_when_hidden_size_is_zero():
 def test_bad_num_heads_names_the_option():
     with pytest.raises(ConfigError, match=r"mformer\.num_heads"):
         _model(hidden_size=0, num_heads=3)  # LLM width 20 is not divisible by 3
+
+
+def test_output_init_scale_shrinks_the_initial_prefix_and_is_validated():
+    full, small = _model(output_init_scale=1.0), _model(output_init_scale=0.1)  # same seed inside
+    torch.testing.assert_close(small.out_proj.weight, full.out_proj.weight * 0.1)
+    ids, mask = torch.randn(3, 5, ID_SIZE), torch.ones(3, 5, dtype=torch.bool)
+    full.eval(), small.eval()
+    ratio = small(ids, mask).prefix.norm() / full(ids, mask).prefix.norm()
+    assert 0.05 < ratio < 0.2  # the bias starts at zero, so the prefix shrinks with the weights
+    with pytest.raises(ConfigError, match="mformer.output_init_scale"):
+        MFormerConfig(output_init_scale=0.0)
