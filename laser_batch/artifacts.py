@@ -12,7 +12,6 @@ An artefact directory (written by `laser-batch export`) holds:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from laser_batch.checkpoint import sha256_file
 from laser_batch.errors import ArtifactError
 
 logger = logging.getLogger(__name__)
@@ -30,14 +30,6 @@ ITEM_MATRIX = "item_matrix.npy"
 ITEM_IDS = "item_ids.parquet"
 ITEMS_TEXT = "items.parquet"
 TOKENIZER = "tokenizer.json"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_record(directory: Path, name: str) -> dict:
