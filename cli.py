@@ -272,11 +272,14 @@ class Device(str, Enum):
 
 @app.command()
 def score(
-    users: Annotated[Path, typer.Argument(help="Parquet file of users: user_id + history (item ids, oldest first).")],
+    users: Annotated[Path, typer.Argument(help="Parquet file, or directory of Parquet files, of users: user_id + "
+                                          "history (item ids, oldest first).")],
     model: Annotated[Path, typer.Option("--model", help="Artefact directory written by `export`.")],
     out: Annotated[Path, typer.Option("--out", help="Output directory for recommendations.")],
     top_k: Annotated[int, typer.Option("--top-k", help="Recommendations per user.")] = 20,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Users per graph run.")] = 64,
+    max_batch_tokens: Annotated[int, typer.Option("--max-batch-tokens", help="Padded tokens per graph run (users x "
+                                                  "the longest one's tokens): bounds memory.")] = 8192,
     device: Annotated[Device, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = Device.auto,
     threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads (0: its default).")] = 0,
     interactions: Annotated[bool, typer.Option(
@@ -295,8 +298,9 @@ def score(
         from laser_batch.score import score_users
 
         summary = score_users(users, model, out, interactions=interactions, top_k=top_k, batch_size=batch_size,
-                              device=device.value, threads=threads, include_history=include_history,
-                              variant=variant, chunk_size=chunk_size, resume=resume, overwrite=overwrite)
+                              max_batch_tokens=max_batch_tokens, device=device.value, threads=threads,
+                              include_history=include_history, variant=variant, chunk_size=chunk_size, resume=resume,
+                              overwrite=overwrite)
     rejected = sum(summary["users_rejected"].values())
     typer.echo(f"{out}: {summary['users_scored']} users scored, {rejected} rejected, "
                f"{summary['users_per_second']} users/s on {summary['provider']}")

@@ -122,7 +122,7 @@ class Embedder:
     """
 
     def __init__(self, directory: Path, *, device: str = "auto", threads: int = 0, verify: bool = True,
-                 variant: str = "") -> None:
+                 variant: str = "", io_binding: bool | None = None) -> None:
         directory = self.directory = Path(directory)
         self.threads = threads
         self.manifest = manifest = load_manifest(directory, verify=verify)
@@ -157,19 +157,26 @@ class Embedder:
                                 f"or CUDA/cuDNN libraries missing); it would run on {self.providers[0]}")
         if device == "auto":
             logger.info("ONNX Runtime runs on %s", self.providers[0])
+        on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        self.io_binding = on_cuda if io_binding is None else bool(io_binding)
+        self._device = ("cuda", 0) if on_cuda else ("cpu", 0)  # where bound intermediate tensors live
 
     def embed(self, histories: Sequence[np.ndarray]) -> np.ndarray:
         """(B, D) float32 embeddings of internal-id histories (each non-empty, ids 1..N)."""
         return self.run(self.feeds(histories))
 
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    def run(self, feeds: dict) -> np.ndarray:
         """(B, D) embeddings from the inputs `feeds` built."""
         if self.kind == "sasrec":
-            return self.sasrec.run(["id_vectors"], feeds)[0][:, -1]
-        return self.user_encoder.run(["embedding"], feeds)[0]
+            return self._run(self.sasrec, feeds, "id_vectors")[:, -1]
+        return self._run(self.user_encoder, feeds, "embedding")
 
-    def feeds(self, histories: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        """The inputs of the last graph (SASRec: sasrec.onnx; Laser: user_encoder.onnx) for a batch of histories."""
+    def feeds(self, histories: Sequence[np.ndarray]) -> dict:
+        """The inputs of the last graph (SASRec: sasrec.onnx; Laser: user_encoder.onnx) for a batch of histories.
+
+        With I/O binding the Laser prefix is an `onnxruntime.OrtValue` left where the M-Former wrote it (on the
+        GPU under CUDA) and bound as the user encoder's input as it is; every other value is a NumPy array.
+        """
         from laser_batch.sequences import pad_left
 
         width = min(self.max_len, max(len(h) for h in histories))
@@ -179,8 +186,29 @@ class Embedder:
         feeds = {}
         if self.takes_prefix:
             # SASRec reads the whole history (up to max_len); the M-Former sees its last id_window positions.
-            vectors = self.sasrec.run(["id_vectors"], {"item_ids": item_ids})[0][:, -self.id_window:]
+            vectors = self._run(self.sasrec, {"item_ids": item_ids}, "id_vectors")[:, -self.id_window:]
             mask = (item_ids[:, -self.id_window:] != 0).astype(np.int64)
-            feeds["prefix"] = self.mformer.run(["prefix"], {"id_vectors": vectors, "id_mask": mask})[0]
+            feeds["prefix"] = self._run(self.mformer, {"id_vectors": vectors, "id_mask": mask}, "prefix",
+                                        keep=True)
         feeds["input_ids"], feeds["attention_mask"] = self.text.encode_users(histories)
         return feeds
+
+    def _run(self, graph, inputs: dict, output: str, *, keep: bool = False):
+        """One output of `graph`: a NumPy array, or with I/O binding and `keep` an OrtValue left on the device.
+
+        With I/O binding, inputs are copied to the device once (an OrtValue input is bound where it is) and the
+        output is written by ONNX Runtime into a buffer on the device (`keep`) or in host memory.
+        """
+        if not self.io_binding:
+            return graph.run([output], inputs)[0]
+        import onnxruntime as ort
+
+        binding = graph.io_binding()
+        for name, value in inputs.items():
+            if isinstance(value, np.ndarray):  # the device copy must outlive the run: keep it in this scope
+                value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), *self._device)
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(output, *(self._device if keep else ("cpu", 0)))
+        graph.run_with_iobinding(binding)
+        value = binding.get_outputs()[0]
+        return value if keep else value.numpy()

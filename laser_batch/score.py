@@ -44,6 +44,10 @@ STATS_DIR = "_stats"
 WORK_DIR = "_work"
 SUCCESS = "_SUCCESS"
 DEFAULT_CHUNK = 50_000
+# Padded tokens per graph run. Attention intermediates grow with B * T^2 (B users of T tokens), so
+# `batch_size` alone lets a batch of long histories allocate hundreds of MB; 8192 tokens keeps one run of
+# the tiny model under ~60 MB and is as fast per user on a CPU (GEMMs of 8k rows are already efficient).
+DEFAULT_MAX_BATCH_TOKENS = 8192
 
 
 def _is_id(dtype: pl.DataType) -> bool:
@@ -57,21 +61,29 @@ class Recommender:
         artifacts: a directory written by `laser-batch export` (checksums verified on load).
         top_k: recommendations per user.
         batch_size: users per graph run (users are grouped by text length to cut padding).
+        max_batch_tokens: padded tokens per graph run (batch users x the longest one's tokens, the width of
+            the last graph's input); a batch ends at whichever of the two limits comes first, and a single user
+            longer than the budget runs alone.
         device: "auto" (CUDA when ONNX Runtime has it, else CPU), "cpu" or "cuda" (an error without CUDA).
         threads: ONNX Runtime intra-op threads (0: its default).
         include_history: also recommend items already in the history (excluded by default).
         variant: a quantised user-encoder variant from the manifest ("" = the exported graph).
+        io_binding: run the graphs with ONNX Runtime I/O binding (the M-Former's prefix stays on the device for
+            the user encoder); None: on with CUDA, off on the CPU, where it gives the same numbers.
     """
 
-    def __init__(self, artifacts: Path, *, top_k: int = 20, batch_size: int = 64, device: str = "auto",
-                 threads: int = 0, include_history: bool = False, variant: str = "") -> None:
-        if top_k < 1:
-            raise InputError(f"--top-k {top_k}: expected a positive integer")
-        if batch_size < 1:
-            raise InputError(f"--batch-size {batch_size}: expected a positive integer")
+    def __init__(self, artifacts: Path, *, top_k: int = 20, batch_size: int = 64,
+                 max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, device: str = "auto", threads: int = 0,
+                 include_history: bool = False, variant: str = "", io_binding: bool | None = None) -> None:
+        for option, value in (("--top-k", top_k), ("--batch-size", batch_size),
+                              ("--max-batch-tokens", max_batch_tokens)):
+            if value < 1:
+                raise InputError(f"{option} {value}: expected a positive integer")
         self.artifacts = Path(artifacts)
-        self.embedder = Embedder(self.artifacts, device=device, threads=threads, variant=variant)
+        self.embedder = Embedder(self.artifacts, device=device, threads=threads, variant=variant,
+                                 io_binding=io_binding)
         self.top_k, self.batch_size, self.include_history = top_k, batch_size, include_history
+        self.max_batch_tokens = max_batch_tokens
         self.item_matrix = np.ascontiguousarray(np.load(self.artifacts / ITEM_MATRIX).astype(np.float32))  # (N, D)
         ids = pl.read_parquet(self.artifacts / ITEM_IDS).sort("index")
         self.item_ids = ids["item_id"]  # original id of internal item j + 1
@@ -157,9 +169,7 @@ class Recommender:
             lengths = self.embedder.text.lengths(histories)
         else:
             lengths = np.fromiter((min(len(h), self.embedder.max_len) for h in histories), dtype=np.int64)
-        order = np.argsort(lengths, kind="stable")
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
+        for batch in batches(lengths, self.batch_size, self.max_batch_tokens):
             hist = [histories[i] for i in batch]
             feeds = self.embedder.feeds(hist)
             mask = feeds.get("attention_mask", feeds.get("item_ids"))
@@ -182,11 +192,62 @@ class Recommender:
                                     "score": pl.Float32})
 
 
-def check_users_schema(path: Path, item_dtype: pl.DataType | None = None, *, interactions: bool = False) -> dict:
-    """Check the input's columns and types from its Parquet schema (no data read); returns the schema."""
+def batches(lengths: np.ndarray, batch_size: int, max_tokens: int) -> list[np.ndarray]:
+    """Indices of users grouped by length (shortest first) into batches of at most `batch_size` users and at most
+    `max_tokens` padded tokens (users x the longest length in the batch); a user longer than `max_tokens` alone."""
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = np.maximum(lengths[order], 1)
+    out, start = [], 0
+    while start < len(order):
+        # Lengths grow along `order`, so a batch [start, end) pads to sorted_lengths[end - 1].
+        end = min(start + batch_size, len(order))
+        fits = (np.arange(1, end - start + 1) * sorted_lengths[start:end]) <= max_tokens
+        end = start + max(1, int(np.argmin(fits)) if not fits.all() else end - start)
+        out.append(order[start:end])
+        start = end
+    return out
+
+
+def input_files(path: Path) -> list[Path]:
+    """The Parquet files of an input: the file itself, or a directory's `*.parquet` files sorted by name (names
+    starting with "." or "_", such as temporary or marker files, are skipped; subdirectories are not read).
+
+    Raises:
+        InputError: no such path, or a directory without Parquet files.
+    """
     path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.suffix == ".parquet" and p.is_file()
+                   and not p.name.startswith((".", "_")))
+    if not files:
+        raise InputError(f"{path}: directory holds no .parquet files")
+    return files
+
+
+def check_users_schema(path: Path, item_dtype: pl.DataType | None = None, *, interactions: bool = False) -> dict:
+    """Check the input's columns and types from its Parquet schema (no data read); returns the schema.
+
+    `path` is a Parquet file or a directory of them (`input_files`); every file must have the same schema, and
+    an error names the first file that does not.
+    """
+    files = input_files(path)
+    first = _check_file_schema(files[0], item_dtype, interactions=interactions)
+    for file in files[1:]:
+        schema = _check_file_schema(file, item_dtype, interactions=interactions)
+        if schema != first:
+            differ = [f"{c}: {schema.get(c, 'missing')} vs {first.get(c, 'missing')}"
+                      for c in dict.fromkeys([*first, *schema]) if schema.get(c) != first.get(c)]
+            raise InputError(f"{file}: schema differs from {files[0].name} ({'; '.join(differ)}); every file of "
+                             "the input directory must have the same columns and types")
+    return first
+
+
+def _check_file_schema(path: Path, item_dtype: pl.DataType | None, *, interactions: bool) -> dict:
     if not path.is_file():
-        raise InputError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
+        raise InputError(f"{path}: not a file")
     try:
         schema = dict(pl.read_parquet_schema(path))
     except Exception as e:
@@ -224,16 +285,22 @@ def score_users(
     interactions: bool = False,
     top_k: int = 20,
     batch_size: int = 64,
+    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     device: str = "auto",
     threads: int = 0,
     include_history: bool = False,
     variant: str = "",
+    io_binding: bool | None = None,
     resume: bool = False,
     overwrite: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
     on_chunk: Callable[[int, int], None] | None = None,
 ) -> dict:
-    """Run the job over `users_path` (or grouped interactions) and write OUT_DIR; returns the summary."""
+    """Run the job over `users_path` (or grouped interactions) and write OUT_DIR; returns the summary.
+
+    `users_path` is one Parquet file or a directory of Parquet files with one schema (`input_files`), read as
+    their concatenation in name order. A resumed job must see the same files, sizes and modification times.
+    """
     users_path, out = Path(users_path), Path(out)
     started = time.perf_counter()
     if resume and overwrite:
@@ -241,19 +308,21 @@ def score_users(
     check_users_schema(users_path, interactions=interactions)  # before any model work
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise InputError(f"{out}: not empty; pass --resume to finish an interrupted job or --overwrite to replace it")
-    recommender = Recommender(artifacts, top_k=top_k, batch_size=batch_size, device=device, threads=threads,
-                              include_history=include_history, variant=variant)
+    recommender = Recommender(artifacts, top_k=top_k, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                              device=device, threads=threads, include_history=include_history, variant=variant,
+                              io_binding=io_binding)
     check_users_schema(users_path, recommender.item_id_dtype, interactions=interactions)
     if overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    job = {"input": str(users_path.resolve()), "input_bytes": users_path.stat().st_size,
-           "input_mtime_ns": users_path.stat().st_mtime_ns, "interactions": interactions,
+    files = input_files(users_path)
+    job = {"input": str(users_path.resolve()), "input_files": [
+               [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files], "interactions": interactions,
            "manifest_sha256": recommender.manifest_sha256, "top_k": top_k, "include_history": include_history,
            "variant": variant, "chunk_size": chunk_size}
     _check_job(out, job, resume)
     (out / SUCCESS).unlink(missing_ok=True)
-    source = _grouped_interactions(users_path, out) if interactions else users_path
+    source = [_grouped_interactions(files, out)] if interactions else files
     rows = pl.scan_parquet(source).select(pl.len()).collect().item()
     if rows == 0:
         raise InputError(f"{users_path}: no rows, nothing to score")
@@ -308,13 +377,13 @@ def _check_job(out: Path, job: dict, resume: bool) -> None:
     path.write_text(json.dumps(job, indent=2) + "\n")
 
 
-def _grouped_interactions(path: Path, out: Path) -> Path:
+def _grouped_interactions(files: list[Path], out: Path) -> Path:
     """user_id, item_id, timestamp rows -> OUT_DIR/_work/users.parquet (user_id, history oldest first)."""
     target = out / WORK_DIR / "users.parquet"
     if target.exists():
         return target
     target.parent.mkdir(exist_ok=True)
-    lazy = pl.scan_parquet(path).with_row_index("_order")
+    lazy = pl.scan_parquet(files).with_row_index("_order")
     grouped = (lazy.sort("user_id", "timestamp", "_order", nulls_last=True)
                .group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("history")))
     tmp = target.with_name(f".{target.name}.tmp")
@@ -323,7 +392,7 @@ def _grouped_interactions(path: Path, out: Path) -> Path:
     return target
 
 
-def _seen_before(source: Path, rows: int) -> np.ndarray:
+def _seen_before(source: list[Path], rows: int) -> np.ndarray:
     """Sorted hashes of the (non-null) user ids in the first `rows` rows."""
     if rows == 0:
         return np.empty(0, dtype=np.uint64)
@@ -350,6 +419,8 @@ def _finish(out: Path, chunks: int, recommender: Recommender, seconds: float, ro
         "provider": recommender.providers[0], "providers": recommender.providers,
         "model": str(recommender.artifacts), "model_kind": recommender.embedder.kind,
         "manifest_sha256": recommender.manifest_sha256, "top_k": recommender.top_k,
+        "batch_size": recommender.batch_size, "max_batch_tokens": recommender.max_batch_tokens,
+        "io_binding": recommender.embedder.io_binding,
     }
     if summary["users_in"] != rows:
         raise RuntimeError(f"internal error: {rows} input rows but {summary['users_in']} accounted for")

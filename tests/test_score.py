@@ -51,6 +51,12 @@ def _recs(out):
     return pl.concat([pl.read_parquet(p) for p in sorted(out.glob("part-*.parquet"))]).sort("user_id", "rank")
 
 
+def _assert_same_recs(a, b):
+    """The same items at the same ranks; scores equal up to float rounding (batches pad differently)."""
+    assert a.select("user_id", "rank", "item_id").equals(b.select("user_id", "rank", "item_id"))
+    np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["laser_art", "sasrec_art"])
 def test_recommendations_are_the_top_k_by_score_excluding_history(artifacts, tmp_path, kind):
     users = _users(artifacts, 25)
@@ -103,9 +109,7 @@ def test_chunking_and_batching_do_not_change_the_result(artifacts, tmp_path):
     path = _write(_users(artifacts), tmp_path / "users.parquet")
     score_users(path, artifacts / "laser_art", tmp_path / "a", chunk_size=7, batch_size=3)
     score_users(path, artifacts / "laser_art", tmp_path / "b", chunk_size=1000, batch_size=64)
-    a, b = _recs(tmp_path / "a"), _recs(tmp_path / "b")
-    assert a.select("user_id", "rank", "item_id").equals(b.select("user_id", "rank", "item_id"))
-    np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), atol=1e-5)
+    _assert_same_recs(_recs(tmp_path / "a"), _recs(tmp_path / "b"))
     assert len(list((tmp_path / "a").glob("part-*.parquet"))) == 9
 
 
@@ -235,3 +239,141 @@ def test_cli_score_shows_the_top_titles(artifacts, tmp_path):
     titles = set(pl.read_parquet(artifacts / "laser_art" / "items.parquet")["title"])
     shown = [line.strip() for line in result.output.splitlines() if re.match(r"  \d+\. ", line)]
     assert len(shown) == 10 and all(line.split(". ", 1)[1].rsplit("  (", 1)[0] in titles for line in shown)
+
+
+def test_batches_keep_length_order_and_both_limits():
+    from laser_batch.score import batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=500)
+    lengths[7] = 5000  # longer than the budget: runs alone
+    groups = batches(lengths, 64, 2048)
+    assert sorted(np.concatenate(groups).tolist()) == list(range(500))
+    flat = np.concatenate(groups)
+    assert (np.diff(lengths[flat]) >= 0).all()  # grouped by length, shortest first
+    for group in groups:
+        assert len(group) <= 64 and (len(group) * lengths[group].max() <= 2048 or len(group) == 1)
+    assert [7] in [g.tolist() for g in groups]
+    assert max(map(len, batches(np.full(100, 10), 64, 10**9))) == 64  # the user limit still applies
+
+
+def test_a_token_budget_bounds_every_graph_run_and_keeps_the_result(artifacts, tmp_path):
+    path = _write(_users(artifacts), tmp_path / "users.parquet")
+    recommender = Recommender(artifacts / "laser_art", top_k=20, batch_size=64, max_batch_tokens=200)
+    shapes = []
+    run = recommender.embedder.run
+    recommender.embedder.run = lambda feeds: shapes.append(feeds["attention_mask"].shape) or run(feeds)
+    recs, _, _ = recommender.recommend(pl.read_parquet(path))
+    assert len(shapes) > 3 and all(b * t <= 200 or b == 1 for b, t in shapes)
+    score_users(path, artifacts / "laser_art", tmp_path / "big", max_batch_tokens=10**6)
+    big = _recs(tmp_path / "big")
+    _assert_same_recs(recs.sort("user_id", "rank"), big)
+    with pytest.raises(InputError, match="--max-batch-tokens 0: expected a positive integer"):
+        Recommender(artifacts / "laser_art", max_batch_tokens=0)
+
+
+@pytest.mark.parametrize("kind", ["laser_art", "sasrec_art"])
+def test_io_binding_gives_the_same_embeddings_as_session_run(artifacts, kind):
+    import onnxruntime as ort
+
+    histories = [np.asarray(h) for h in _internal(artifacts / kind, _users(artifacts, 9))]
+    plain = Embedder(artifacts / kind, device="cpu", io_binding=False)
+    bound = Embedder(artifacts / kind, device="cpu", io_binding=True)
+    assert not plain.io_binding and bound.io_binding and Embedder(artifacts / kind, device="cpu").io_binding is False
+    feeds = bound.feeds(histories)
+    if kind == "laser_art":
+        assert isinstance(feeds["prefix"], ort.OrtValue)  # handed from the M-Former to the user encoder as is
+    np.testing.assert_array_equal(bound.run(feeds), plain.embed(histories))
+
+
+def test_io_binding_job_gives_the_same_recommendations(artifacts, tmp_path):
+    path = _write(_users(artifacts), tmp_path / "users.parquet")
+    plain = score_users(path, artifacts / "laser_art", tmp_path / "a", device="cpu")
+    bound = score_users(path, artifacts / "laser_art", tmp_path / "b", device="cpu", io_binding=True)
+    assert (plain["io_binding"], bound["io_binding"]) == (False, True)
+    assert _recs(tmp_path / "a").equals(_recs(tmp_path / "b"))
+
+
+def _internal(art, users):
+    item_ids = pl.read_parquet(art / "item_ids.parquet").sort("index")["item_id"].to_list()
+    index = {item: i + 1 for i, item in enumerate(item_ids)}
+    return [[index[i] for i in h] for h in users["history"].to_list()]
+
+
+def _split(users, directory, parts):
+    directory.mkdir()
+    for k, rows in enumerate(np.array_split(np.arange(users.height), parts)):
+        users[rows.tolist()].write_parquet(directory / f"users-{k}.parquet")
+    return directory
+
+
+def test_a_directory_of_parquet_files_is_one_input(artifacts, tmp_path):
+    users = _users(artifacts)
+    directory = _split(users, tmp_path / "in", 3)
+    (directory / "_SUCCESS").write_text("")
+    (directory / ".users-9.parquet.tmp").write_bytes(b"partial")
+    pl.DataFrame({"x": [1]}).write_parquet(directory / "_hidden.parquet")  # skipped, as "_" and "." names are
+    (directory / "sub").mkdir()
+    (directory / "notes.txt").write_text("not read")
+    score_users(directory, artifacts / "laser_art", tmp_path / "dir", chunk_size=25)
+    score_users(_write(users, tmp_path / "one.parquet"), artifacts / "laser_art", tmp_path / "file")
+    _assert_same_recs(_recs(tmp_path / "dir"), _recs(tmp_path / "file"))
+    # A user in two files is a duplicate, as within one file.
+    users[:2].write_parquet(directory / "users-3.parquet")
+    summary = score_users(directory, artifacts / "laser_art", tmp_path / "dup")
+    assert summary["users_rejected"]["duplicate user"] == 2 and summary["users_in"] == users.height + 2
+
+
+def test_a_directory_of_interactions(artifacts, tmp_path):
+    inter = pl.read_parquet(artifacts / "data" / "interactions.parquet").sample(fraction=1.0, shuffle=True, seed=2)
+    directory = _split(inter, tmp_path / "inter", 4)  # a user's rows are spread over the files
+    score_users(directory, artifacts / "laser_art", tmp_path / "a", interactions=True)
+    score_users(_write(inter, tmp_path / "inter.parquet"), artifacts / "laser_art", tmp_path / "b",
+                interactions=True)
+    assert _recs(tmp_path / "a").equals(_recs(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: None, "in: directory holds no .parquet files"),
+    (lambda d: pl.DataFrame({"user_id": [1], "history": [["a"]]}).write_parquet(d / "b.parquet"),
+     r"b.parquet: schema differs from a.parquet \(history: List\(String\) vs List\(Int64\)\)"),
+    (lambda d: pl.DataFrame({"user_id": [1], "history": [[1]], "extra": [0]}).write_parquet(d / "b.parquet"),
+     r"b.parquet: schema differs from a.parquet \(extra: Int64 vs missing\)"),
+    (lambda d: (d / "b.parquet").write_bytes(b"nope"), "b.parquet: not a readable Parquet file"),
+    (lambda d: pl.DataFrame({"user_id": [1], "items": [[1]]}).write_parquet(d / "b.parquet"),
+     "b.parquet: missing column"),
+])
+def test_a_bad_file_in_an_input_directory_is_named(artifacts, tmp_path, make, message):
+    directory = tmp_path / "in"
+    directory.mkdir()
+    if "no .parquet" not in message:
+        pl.DataFrame({"user_id": [1], "history": [[1]]}).write_parquet(directory / "a.parquet")
+    make(directory)
+    with pytest.raises(InputError, match=message):
+        score_users(directory, artifacts / "laser_art", tmp_path / "out")
+    assert not list(tmp_path.glob("out/part-*"))
+
+
+def test_resume_of_a_directory_input(artifacts, tmp_path):
+    users = pl.concat([_users(artifacts).with_columns(pl.col("user_id") + 1000 * i) for i in range(3)])
+    directory = _split(users, tmp_path / "in", 4)
+
+    def stop_after_two(k, chunks):
+        if k == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        score_users(directory, artifacts / "laser_art", tmp_path / "out", chunk_size=40, on_chunk=stop_after_two)
+    assert len(list((tmp_path / "out").glob("part-*"))) == 2 and not (tmp_path / "out" / "_SUCCESS").exists()
+    finished = []
+    score_users(directory, artifacts / "laser_art", tmp_path / "out", chunk_size=40, resume=True,
+                on_chunk=lambda k, chunks: finished.append(k))
+    score_users(directory, artifacts / "laser_art", tmp_path / "straight", chunk_size=40)
+    assert finished == [2, 3, 4]  # only the open chunks ran again
+    assert _recs(tmp_path / "out").equals(_recs(tmp_path / "straight"))
+    assert _recs(tmp_path / "out")["user_id"].n_unique() == users.height
+    # Another set of files is another input: resuming on it is refused.
+    (tmp_path / "out" / "_SUCCESS").unlink()
+    users[:1].with_columns(pl.col("user_id") + 99_000).write_parquet(directory / "users-4.parquet")
+    with pytest.raises(InputError, match="the interrupted job had another input_files"):
+        score_users(directory, artifacts / "laser_art", tmp_path / "out", chunk_size=40, resume=True)
