@@ -9,7 +9,7 @@
   user embedding and the cosine scores against the whole item matrix. Top-10 agreement is against torch fp32.
 - tiny: the same with a Laser run on the synthetic example and the embedded tiny LLM.
 - scaling: `laser-batch score` (a fresh process each) on 10k / 100k / 1M synthetic users with the tiny artefacts:
-  users/s and peak RSS.
+  users/s and peak RSS, at each `--max-batch-tokens` given (default: the scorer's default only).
 
 Writes benchmarks/results/score_throughput.json.
 """
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 from sasrec_s3rec import machine
+
+from laser_batch.score import DEFAULT_MAX_BATCH_TOKENS
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "work"
@@ -142,7 +144,7 @@ def tiny_run(work: Path, threads: int) -> tuple[Path, Path]:
     return run, artifacts
 
 
-def scaling(artifacts: Path, work: Path, sizes: list[int], threads: int) -> list[dict]:
+def scaling(artifacts: Path, work: Path, sizes: list[int], threads: int, max_batch_tokens: int) -> list[dict]:
     """`laser-batch score` on synthetic users in a fresh process each: users/s and peak RSS."""
     import polars as pl
 
@@ -159,11 +161,11 @@ def scaling(artifacts: Path, work: Path, sizes: list[int], threads: int) -> list
             pl.DataFrame({"user_id": np.arange(size), "history": history}).write_parquet(path, row_group_size=50_000)
         code = ("import json, resource, sys; from laser_batch.score import score_users; "
                 f"s = score_users({str(path)!r}, {str(artifacts)!r}, {str(work / f'recs_{size}')!r}, "
-                f"threads={threads}, overwrite=True); "
+                f"threads={threads}, max_batch_tokens={max_batch_tokens}, overwrite=True); "
                 "s['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; print(json.dumps(s))")
         done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
         summary = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append({"users": size, "users_per_s": summary["users_per_second"],
+        rows.append({"users": size, "max_batch_tokens": max_batch_tokens, "users_per_s": summary["users_per_second"],
                      "peak_rss_mb": round(summary["peak_rss_mb"], 1), "padding_efficiency":
                          summary["padding_efficiency"], "provider": summary["provider"]})
         logging.info("scaling %s", rows[-1])
@@ -178,12 +180,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scaling", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--max-batch-tokens", type=int, nargs="*", default=[DEFAULT_MAX_BATCH_TOKENS],
+                        help="token budgets for the scaling runs (a huge one: batches bounded by users only)")
     parser.add_argument("--skip", action="append", choices=["smollm2", "tiny", "scaling"], default=[])
     parser.add_argument("--results", type=Path, default=HERE / "results" / "score_throughput.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     record = json.loads(args.results.read_text()) if args.results.exists() else {}
     record.update(command=" ".join([Path(sys.executable).name, *sys.argv]), machine=machine())
+
+    command = record["command"]
+    commands = record.setdefault("commands", {})  # which run wrote each section (runs may do only some)
 
     def save() -> None:  # after every section, so a long run keeps what it measured
         args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +199,7 @@ def main() -> None:
     if "smollm2" not in args.skip:
         record["smollm2"] = compare(args.run, args.artifacts, args.users, args.threads, args.batch_size)
         logging.info("smollm2 %s", record["smollm2"])
+        commands["smollm2"] = command
         save()
     tiny_work = WORK / "score_tiny"
     if "tiny" not in args.skip or "scaling" not in args.skip:
@@ -199,12 +207,15 @@ def main() -> None:
     if "tiny" not in args.skip:
         record["tiny"] = compare(run, artifacts, args.users, args.threads, args.batch_size)
         logging.info("tiny %s", record["tiny"])
+        commands["tiny"] = command
         save()
     if "scaling" not in args.skip:
         record["scaling"] = []
+        commands["scaling"] = command
         for size in args.scaling:
-            record["scaling"] += scaling(artifacts, tiny_work, [size], args.threads)
-            save()
+            for budget in args.max_batch_tokens:
+                record["scaling"] += scaling(artifacts, tiny_work, [size], args.threads, budget)
+                save()
 
 
 if __name__ == "__main__":
