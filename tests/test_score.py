@@ -286,6 +286,12 @@ def test_io_binding_gives_the_same_embeddings_as_session_run(artifacts, kind):
     np.testing.assert_array_equal(bound.run(feeds), plain.embed(histories))
 
 
+def test_sessions_do_not_spin(artifacts):
+    embedder = Embedder(artifacts / "laser_art", device="cpu")
+    for graph in (embedder.sasrec, embedder.mformer, embedder.user_encoder):
+        assert graph.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_io_binding_job_gives_the_same_recommendations(artifacts, tmp_path):
     path = _write(_users(artifacts), tmp_path / "users.parquet")
     plain = score_users(path, artifacts / "laser_art", tmp_path / "a", device="cpu")
