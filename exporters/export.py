@@ -204,6 +204,7 @@ def _export_laser(
         "sasrec_max_len": sasrec.config.max_len, "id_window": laser.id_window, "score": "cosine",
         "num_items": sasrec.num_items, "text": text, "pad_id": tokenizer.pad_token_id,
         "prefix": laser.config.prefix, "pooling": laser.config.pooling, "center": laser.config.center,
+        "center_users": laser.config.center_users,
         "llm": ckpt["llm"], "trained_llm_dtype": trained_dtype, "graph_dtype": "float32",
         "best": [ckpt.get("best_stage"), ckpt.get("best_epoch")],
     }

@@ -176,6 +176,11 @@ class LaserConfig:
     # Not in the paper: subtract the catalogue's mean embedding before the cosine. A small LLM's last hidden
     # states share a few huge dimensions (SmolLM2-135M: item cosines 0.92-0.99), which flattens cosine / tau.
     center: bool = False
+    # With `center`: users are centred by the mean raw embedding of this many training users (a fixed, evenly spread
+    # sample, set with the catalogue mean at each item re-encoding) instead of by the catalogue mean. 0: by the
+    # catalogue mean. With one shared centre, whatever the training learns to add to every user is added to every
+    # item at the next re-encoding and subtracted again by the new centre, so stage 1 chases its own shift.
+    center_users: int = 0
     # An item's M-Former input: "embedding" = its row of the frozen SASRec's item-embedding table (the vector that
     # SASRec's user states are trained to point at); "sequence" = SASRec's output for the one-item history.
     item_id_vector: str = "embedding"
@@ -213,6 +218,9 @@ class LaserConfig:
         for name in ("batch_size", "grad_accumulation", "item_batch_size", "samples_per_user"):
             _require(getattr(self, name) > 0, f"laser.{name}", getattr(self, name), "a positive integer")
         _require(self.patience >= 0, "laser.patience", self.patience, "an integer >= 0")
+        _require(self.center_users >= 0, "laser.center_users", self.center_users, "an integer >= 0")
+        _require(self.center or not self.center_users, "laser.center_users", self.center_users,
+                 "0 unless laser.center = true")
         _require(self.valid_users >= 0, "laser.valid_users", self.valid_users, "an integer >= 0 (0: all users)")
 
 

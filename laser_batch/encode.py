@@ -78,6 +78,18 @@ def encode_items(
 
 
 @torch.no_grad()
+def recenter_users(model: Laser, inputs: LaserInputs, histories: Sequence[np.ndarray], *, batch_size: int) -> None:
+    """Set the model's user centre to the mean raw embedding of `histories` (`laser.center_users`)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(model.llm.hidden_size)
+    for rows in _by_length(inputs.text.lengths(histories), batch_size):
+        total += model(*inputs.users([histories[r] for r in rows]), raw=True)[0].sum(0)
+    model.user_center.copy_(total / len(histories))
+    model.train(was_training)
+
+
+@torch.no_grad()
 def encode_users(
     model: Laser, inputs: LaserInputs, histories: Sequence[np.ndarray], *, batch_size: int
 ) -> torch.Tensor:

@@ -38,6 +38,8 @@ class Laser(nn.Module):
             self.suffix = nn.Parameter(eos.repeat(config.num_suffix_tokens, 1).clone())
         if config.center:  # the catalogue's mean raw embedding, set at each item re-encoding (not trained)
             self.register_buffer("center", torch.zeros(width))
+        if config.center_users:  # the users' own mean raw embedding, set alongside (not trained)
+            self.register_buffer("user_center", torch.zeros(width))
 
     @property
     def llm(self) -> FrozenLLM:
@@ -73,7 +75,7 @@ class Laser(nn.Module):
             (embeddings (B, D) float32, L2-normalised; load-balancing loss, a scalar (0 without an M-Former)).
         """
         prefix, lb_loss = self.make_prefix(id_history, input_ids.shape[0], items=items)
-        return self.encode(prefix, input_ids, attention_mask, raw=raw), lb_loss
+        return self.encode(prefix, input_ids, attention_mask, raw=raw, items=items), lb_loss
 
     def make_prefix(
         self, id_history: torch.Tensor, batch: int, *, items: bool = False
@@ -93,11 +95,13 @@ class Laser(nn.Module):
         return None, lb_loss
 
     def encode(
-        self, prefix: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, raw: bool = False
+        self, prefix: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, raw: bool = False,
+        items: bool = False,
     ) -> torch.Tensor:
         """The frozen LLM over [prefix] + embed(text) + [suffix]: (B, D) embeddings, centred and L2-normalised.
 
-        The exported user encoder is this function (the token lookup included).
+        The exported user encoder is this function (the token lookup included). `items`: centre as items
+        (by the catalogue mean) rather than as users (by `user_center` when `laser.center_users` is set).
         """
         batch = input_ids.shape[0]
         ones = attention_mask.new_ones
@@ -121,7 +125,7 @@ class Laser(nn.Module):
         if raw:
             return pooled
         if self.config.center:
-            pooled = pooled - self.center
+            pooled = pooled - (self.user_center if self.config.center_users and not items else self.center)
         return F.normalize(pooled, dim=-1)
 
     def loss(

@@ -23,7 +23,7 @@ import torch
 from laser_batch.checkpoint import LASER_DIR, SASREC_DIR, StageWriter, load_sasrec, read_run_info, save_laser
 from laser_batch.config import Config
 from laser_batch.contracts import first_line, load_data_dir
-from laser_batch.encode import encode_items, laser_inputs, laser_scorer
+from laser_batch.encode import encode_items, laser_inputs, laser_scorer, recenter_users
 from laser_batch.errors import CheckpointError
 from laser_batch.llm import FrozenLLM, load_llm
 from laser_batch.metrics import DEFAULT_KS, metrics_from_ranks, rank_targets
@@ -125,6 +125,9 @@ def train_laser(
     if cfg.valid_users and cfg.valid_users < len(valid_targets):  # a fixed, evenly spread subset (CPU budgets)
         rows = np.unique(np.linspace(0, len(valid_targets) - 1, num=cfg.valid_users).astype(np.int64))
         valid_histories, valid_targets = [valid_histories[r] for r in rows], valid_targets[rows]
+    train_histories = training_samples(sequences, 1, np.random.default_rng(0))[0]  # before each last training item
+    rows = np.unique(np.linspace(0, len(train_histories) - 1, num=max(cfg.center_users, 1)).astype(np.int64))
+    centre_histories = [train_histories[r] for r in rows]
     select = config.train.select_metric
     ks = sorted({*DEFAULT_KS, *config.train.select_ks})
     n_trainable = sum(p.numel() for p in params)
@@ -142,6 +145,8 @@ def train_laser(
         items = encode_items(model, inputs, sequences.num_items, batch_size=cfg.item_batch_size, progress=bar,
                              recenter=True)
         bar.close()
+        if cfg.center_users:
+            recenter_users(model, inputs, centre_histories, batch_size=cfg.item_batch_size)
         return items
 
     for stage, epochs in ((1, cfg.stage1_epochs), (2, cfg.stage2_epochs)):

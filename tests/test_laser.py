@@ -8,7 +8,7 @@ import torch
 
 from laser_batch.checkpoint import load_laser
 from laser_batch.config import LLMConfig, load_config
-from laser_batch.encode import encode_items, encode_users
+from laser_batch.encode import encode_items, encode_users, recenter_users
 from laser_batch.errors import CheckpointError, ConfigError
 from laser_batch.llm import load_llm
 from laser_batch.train import train_sasrec
@@ -287,6 +287,37 @@ def test_centering_subtracts_the_catalogue_mean_and_is_saved_with_the_weights(sa
     with torch.no_grad():
         raw_user = reloaded(*inputs.users(histories[:4]), raw=True)[0]
     torch.testing.assert_close(user, torch.nn.functional.normalize(raw_user - reloaded.center, dim=-1))
+
+
+def test_users_are_centred_by_their_own_mean_and_items_by_the_catalogue_mean(sasrec_run, llm, tmp_path):
+    config = small_config(laser={"center": True, "center_users": 20})
+    run = _copy_run(sasrec_run, tmp_path)
+    train_laser(run, config, llm=llm)
+    model, item_matrix, _ = load_laser(run, llm=llm)
+    model.eval()
+    _, inputs, sequences = build_laser(config, run, llm)
+    assert {"center", "user_center"} <= set(model.state_dict())
+    assert not torch.allclose(model.user_center, model.center, atol=1e-3)
+    histories, _ = sequences.split("test")
+    with torch.no_grad():
+        raw_users = model(*inputs.users(histories[:4]), raw=True)[0]
+        raw_items = model(*inputs.items(np.arange(1, 5)), raw=True, items=True)[0]
+        users = model(*inputs.users(histories[:4]))[0]
+        items = model(*inputs.items(np.arange(1, 5)), items=True)[0]
+    torch.testing.assert_close(users, torch.nn.functional.normalize(raw_users - model.user_center, dim=-1))
+    torch.testing.assert_close(items, torch.nn.functional.normalize(raw_items - model.center, dim=-1))
+
+    # recenter_users sets the centre to the mean raw embedding of the histories it is given
+    sample = histories[:9]
+    recenter_users(model, inputs, sample, batch_size=4)
+    with torch.no_grad():
+        expected = model(*inputs.users(sample), raw=True)[0].mean(0)
+    torch.testing.assert_close(model.user_center, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_center_users_needs_center():
+    with pytest.raises(ConfigError, match="laser.center_users = 8 is invalid"):
+        small_config(laser={"center_users": 8})
 
 
 @pytest.mark.parametrize("source", ["embedding", "sequence"])
