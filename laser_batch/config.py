@@ -92,7 +92,7 @@ PAPER_INSTRUCTION = (
     "You are an intelligent recommendation assistant. Please summarize the user's characteristics into a single "
     "token based on the browsing history. In chronological order, the user has browsed the following items:"
 )
-LLM_DTYPES = ("float32", "bfloat16")
+LLM_DTYPES = ("float32", "bfloat16", "auto")  # auto: bfloat16 where the CPU has native bf16, else float32
 PREFIX_KINDS = ("mformer", "free", "none")
 POOLINGS = ("suffix", "mean", "eos")
 MFORMER_PRESETS = {

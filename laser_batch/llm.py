@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -31,6 +32,8 @@ from laser_batch.config import LLMConfig
 from laser_batch.contracts import first_line
 from laser_batch.errors import InputError
 
+logger = logging.getLogger(__name__)
+
 TINY_SOURCE = "tiny"
 TINY_ARCHITECTURES = ("llama", "qwen2", "gpt2")
 TINY_TOKENIZER = "assets/tiny_tokenizer.json"
@@ -40,6 +43,29 @@ TINY_MAX_POSITIONS = 1024
 # "eager" gave identical results; the padding-invariance tests cover llama, qwen2 and gpt2.
 ATTN_IMPLEMENTATION = "sdpa"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere torch emulates it, several times
+    slower than fp32 (measured on an AVX2-only AMD EPYC: a SmolLM2-135M forward over 32 x 96 tokens took 12 s in
+    float32 and over 60 s in bfloat16)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`llm.dtype` as a torch dtype: "auto" is bfloat16 where the CPU has native bf16, float32 elsewhere."""
+    if name == "auto":
+        dtype = torch.bfloat16 if native_bf16() else torch.float32
+        logger.info("llm.dtype auto: %s (native bf16 on this CPU: %s)", str(dtype).removeprefix("torch."),
+                    dtype == torch.bfloat16)
+        return dtype
+    if name == "bfloat16" and not native_bf16():
+        logger.warning("llm.dtype bfloat16: this CPU has no native bf16 (AVX512-BF16 / AMX), torch emulates it "
+                       "several times slower than float32; llm.dtype = 'auto' picks float32 here")
+    return DTYPES[name]
 # Config keys that change with how a model was saved or loaded, not with what it computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype",
                          "_attn_implementation_autoset", "_commit_hash")
@@ -97,7 +123,7 @@ class FrozenLLM:
 
 def load_llm(config: LLMConfig) -> FrozenLLM:
     """Load the frozen LLM named by `config.source` in `config.dtype`; any failure is an `InputError`."""
-    source, dtype = config.source, DTYPES[config.dtype]
+    source, dtype = config.source, resolve_dtype(config.dtype)
     if source == TINY_SOURCE:
         return build_tiny_llm(dtype=config.dtype)
     path = Path(source).expanduser()
@@ -161,7 +187,7 @@ def build_tiny_llm(
     defaults = architecture == "llama" and (hidden_size, num_layers, num_heads, seed) == (64, 2, 4, 0)
     source = TINY_SOURCE if defaults else (f"tiny(architecture={architecture}, hidden_size={hidden_size}, "
                                            f"num_layers={num_layers}, num_heads={num_heads}, seed={seed})")
-    return _freeze(model, tokenizer, source=source, dtype=DTYPES[dtype])
+    return _freeze(model, tokenizer, source=source, dtype=resolve_dtype(dtype))
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

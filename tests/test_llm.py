@@ -8,6 +8,7 @@ import transformers
 from tokenizers import Tokenizer
 from transformers.utils import is_offline_mode
 
+import laser_batch.llm as llm_module
 from laser_batch.config import LLMConfig
 from laser_batch.errors import InputError
 from laser_batch.llm import TINY_ARCHITECTURES, build_tiny_llm, load_llm, tiny_tokenizer
@@ -108,6 +109,13 @@ def test_bfloat16_option():
     assert llm.fingerprint != build_tiny_llm().fingerprint
     embeds, mask, positions = _left_pad(llm, TEXTS)
     assert llm(embeds.bfloat16(), mask, positions).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_has_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(llm_module, "native_bf16", lambda: native)
+    llm = load_llm(LLMConfig("tiny", dtype="auto"))
+    assert llm.describe()["dtype"] == ("bfloat16" if native else "float32")
 
 
 def _bare_tokenizer(**special):
