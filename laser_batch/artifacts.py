@@ -209,7 +209,7 @@ class Embedder:
 
         binding = graph.io_binding()
         for name, value in inputs.items():
-            if isinstance(value, np.ndarray):  # the device copy must outlive the run: keep it in this scope
+            if isinstance(value, np.ndarray):  # on the CPU a view of the array; the binding holds it until done
                 value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), *self._device)
             binding.bind_ortvalue_input(name, value)
         binding.bind_output(output, *(self._device if keep else ("cpu", 0)))
