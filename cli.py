@@ -270,12 +270,17 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 @app.command()
 def score(
-    users: Annotated[Path, typer.Argument(help="Parquet file, or directory of Parquet files, of users: user_id + "
+    users: Annotated[str, typer.Argument(help="Parquet file, or directory of Parquet files, of users: user_id + "
                                           "history (item ids, oldest first).")],
-    model: Annotated[Path, typer.Option("--model", help="Artefact directory written by `export`.")],
-    out: Annotated[Path, typer.Option("--out", help="Output directory for recommendations.")],
+    model: Annotated[str, typer.Option("--model", help="Artefact directory written by `export`.")],
+    out: Annotated[str, typer.Option("--out", help="Output directory for recommendations.")],
     top_k: Annotated[int, typer.Option("--top-k", help="Recommendations per user.")] = 20,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Users per graph run.")] = 64,
     max_batch_tokens: Annotated[int, typer.Option("--max-batch-tokens", help="Padded tokens per graph run (users x "
@@ -292,10 +297,26 @@ def score(
     show: Annotated[int, typer.Option("--show", help="Print the top 5 of this many users when done.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted job in OUT.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the contents of OUT.")] = False,
+    engine: Annotated[Engine, typer.Option("--engine", help="local (this process) or ray (Ray Data on a cluster; "
+                                           "needs laser-batch[ray]; paths may then be URIs).")] = Engine.local,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray: the cluster (auto, "
+                                                    "ray://HEAD:10001); default RAY_ADDRESS or a local one.")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Ray: scorer actors (0: one per GPU or CPU).")] = 0,
+    gpus_per_worker: Annotated[float | None, typer.Option(
+        "--gpus-per-worker", help="Ray: GPUs per actor (default 1 when the cluster has GPUs).")] = None,
 ) -> None:
     """The nightly batch job on ONNX Runtime (torch-free): top-K recommendations for every user."""
     with _errors():
-        from laser_batch.score import score_users
+        if engine is Engine.ray:  # the same job and keywords on Ray Data, plus the cluster's options
+            from functools import partial
+
+            from laser_batch.ray_engine import score_ray
+
+            score_users = partial(score_ray, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
+        elif ray_address is not None or workers or gpus_per_worker is not None:
+            raise LaserBatchError("--ray-address, --workers and --gpus-per-worker need --engine ray")
+        else:
+            from laser_batch.score import score_users
 
         summary = score_users(users, model, out, interactions=interactions, top_k=top_k, batch_size=batch_size,
                               max_batch_tokens=max_batch_tokens, device=device.value, threads=threads,
@@ -305,7 +326,7 @@ def score(
     typer.echo(f"{out}: {summary['users_scored']} users scored, {rejected} rejected, "
                f"{summary['users_per_second']} users/s on {summary['provider']}")
     if show:
-        _show(out, model, show)
+        _show(Path(out), Path(model), show)
 
 
 def _show(out: Path, model: Path, users: int) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- sasrec-table:begin -->", "<!-- sasrec-table:end -->"
-TABLES = ("sasrec", "laser", "export")  # each between <!-- NAME-table:begin --> and <!-- NAME-table:end -->
+# each between <!-- NAME-table:begin --> and <!-- NAME-table:end -->
+TABLES = ("sasrec", "laser", "export", "score-ray")
 LASER_ROWS = (("popularity", "popularity"), ("sasrec", "SASRec alone (frozen ID model)"), ("laser", "**Laser**"),
               ("laser_no_prefix", "Laser, no prefix"), ("laser_no_moe", "Laser, no MoE (K = 1)"))
 DATASETS = ("Beauty", "Sports_and_Outdoors", "LastFM")
@@ -92,6 +93,27 @@ def export_table(results_dir: Path) -> str:
                               f"{r['machine']['torch_threads']} threads.")
 
 
+def score_ray_table(results_dir: Path) -> str:
+    """Local engine vs Ray engine (benchmarks/score_ray.py)."""
+    r = json.loads((results_dir / "score_ray.json").read_text()) if (results_dir / "score_ray.json").exists() else {}
+    if not r:
+        return "(no results yet: run python benchmarks/score_ray.py)"
+    rows = ["| engine | layout | users/s | job seconds | same ranked items as local |", "|---|---|---|---|---|"]
+    for run in r["runs"]:
+        if run["engine"] == "local":
+            layout, same = f"1 process x {run['threads']} ORT threads", ""
+        else:
+            layout = f"{run['workers']} actor(s) x {run['threads_per_worker']} ORT thread(s)"
+            same = "yes" if run["same_ranked_items_as_local"] else "**no**"
+        rows.append(f"| {run['engine']} | {layout} | {run['users_per_s']:.1f} | {run['seconds']:.1f} | {same} |")
+    c = r["configuration"]
+    return "\n".join(rows) + (f"\n{c['users']} synthetic users in {c['input_files']} Parquet files, tiny Laser "
+                              f"model, chunks of {c['chunk_size']} users, top {c['top_k']}; Ray: a local cluster "
+                              f"of {c['ray_cpus']} logical CPUs, its start-up ({r['ray_init_seconds']:.0f} s) not "
+                              f"counted; measured on {r['machine']['cpu']}, {r['machine']['cores']} cores; "
+                              f"{r['contention']}.")
+
+
 def render(readme: str, table: str, name: str = "sasrec") -> str:
     begin, end = f"<!-- {name}-table:begin -->", f"<!-- {name}-table:end -->"
     if begin not in readme:
@@ -109,7 +131,8 @@ def main() -> None:
     readme = readme_path.read_text()
     results = ROOT / "benchmarks" / "results"
     updated = readme
-    for name, make in (("sasrec", sasrec_table), ("laser", laser_table), ("export", export_table)):
+    for name, make in (("sasrec", sasrec_table), ("laser", laser_table), ("export", export_table),
+                       ("score-ray", score_ray_table)):
         updated = render(updated, make(results), name)
     if args.check:
         sys.exit(0 if updated == readme else 1)

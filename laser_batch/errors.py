@@ -23,3 +23,7 @@ class CheckpointError(LaserBatchError):
 
 class ArtifactError(LaserBatchError):
     """An export directory is missing, incomplete, tampered with, or cannot be loaded or validated."""
+
+
+class EngineError(LaserBatchError):
+    """The distributed engine is not installed or not reachable, or a job on it failed."""

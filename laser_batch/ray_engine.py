@@ -1,0 +1,451 @@
+"""The nightly job on a Ray cluster: the local engine's batch function (`Recommender.recommend`) in Ray Data.
+
+    read_parquet(INPUT) -> map_batches(_Scorer, one actor per worker) -> part files in OUT/_temporary/ATTEMPT/
+    -> the driver commits: part-00000.parquet ..., rejects.parquet, summary.json, _SUCCESS (last)
+
+The output contract is the local engine's (`laser_batch.score`). Ray is imported only here, and this module
+only when `--engine ray` is asked for.
+
+- Duplicate users are found before the Ray job, on the driver, from the `user_id` column alone (a 64-bit hash
+  per row, checked against the real ids): every row of a duplicated user is left out of the Ray job, the first
+  occurrence (files in name order, rows in file order) is scored on the driver and the others are rejected, as
+  the local engine does. Rows carry no position through Ray Data, so this is what keeps "the first one wins".
+- Each scorer actor loads the ONNX sessions once (artefacts from a shared path, or copied once from a
+  pyarrow-filesystem URI), scores one batch of `chunk_size` users per call, writes its part file into the
+  attempt's staging directory and returns only its name, its rejects file and its counts. A file written by an
+  attempt that died is not in the returned list and is deleted at commit, so a retried batch never doubles.
+- Nothing in OUT counts until `_SUCCESS`: it is removed when a job starts and written after the commit.
+  A failed or interrupted job is rerun from its start with `--resume` (Ray Data keeps no partial results).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from laser_batch import errors
+from laser_batch.artifacts import ITEM_IDS, MANIFEST
+from laser_batch.contracts import first_line
+from laser_batch.errors import EngineError, InputError, LaserBatchError
+from laser_batch.score import DEFAULT_CHUNK, JOB_FILE, REJECT_REASONS, SUCCESS, Recommender
+
+logger = logging.getLogger(__name__)
+
+STAGING = "_temporary"
+RAY_EXTRA = "pip install 'laser-batch[ray]'"
+
+
+def _import_ray():
+    try:
+        import pyarrow.fs
+        import ray
+        import ray.data
+    except ImportError as e:
+        raise EngineError(f"--engine ray needs Ray Data, which is not installed ({first_line(e)}): {RAY_EXTRA}") from e
+    return ray, pyarrow.fs
+
+
+def _filesystem(location: str):
+    """(pyarrow filesystem, path on it) of a local path or a URI such as s3://bucket/dir or file:///dir."""
+    import pyarrow.fs as pafs
+
+    if "://" in location:
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except Exception as e:
+            raise InputError(f"{location}: cannot open this URI ({first_line(e)})") from e
+    return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def input_files(location: str):
+    """(filesystem, files) of INPUT: one Parquet file, or a directory's `*.parquet` files sorted by name (names
+    starting with "." or "_" skipped, subdirectories not read), as for the local engine."""
+    import pyarrow.fs as pafs
+
+    fs, path = _filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"{location}: file not found")
+    if info.type != pafs.FileType.Directory:
+        return fs, [path]
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File
+                   and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_")))
+    if not files:
+        raise InputError(f"{location}: directory holds no .parquet files")
+    return fs, files
+
+
+def check_schema(fs, files: list[str], item_dtype: pl.DataType) -> None:
+    """Every file has `user_id` (integer or string) and `history` (list of ids of the model's kind), alike."""
+    import pyarrow.parquet as pq
+
+    first = None
+    for path in files:
+        try:
+            schema = pl.from_arrow(pq.read_schema(path, filesystem=fs).empty_table()).schema
+        except Exception as e:
+            raise InputError(f"{path}: not a readable Parquet file ({first_line(e)})") from e
+        missing = [c for c in ("user_id", "history") if c not in schema]
+        if missing:
+            raise InputError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(schema) or 'none'})")
+        user, history = schema["user_id"], schema["history"]
+        if not (user.is_integer() or user == pl.String):
+            raise InputError(f"{path}: column 'user_id' has type {user}, expected an integer or string id")
+        inner = history.inner if isinstance(history, pl.List) else None
+        if inner is None or not (inner.is_integer() or inner == pl.String):
+            raise InputError(f"{path}: column 'history' has type {history}, expected a list of item ids")
+        if (inner == pl.String) != (item_dtype == pl.String):
+            raise InputError(f"{path}: column 'history' holds {inner} item ids, but the model's item ids are "
+                             f"{item_dtype}")
+        pair = (user, history)
+        if first is not None and pair != first[1]:
+            raise InputError(f"{path}: user_id, history are {pair[0]}, {pair[1]} but {first[0]} has "
+                             f"{first[1][0]}, {first[1][1]}; every file of a directory must have the same schema")
+        first = first or (path, pair)
+
+
+def local_artifacts(location: str) -> Path:
+    """ARTIFACTS as a local directory: a path as it is (shared filesystem), a URI copied once per machine."""
+    if "://" not in location:
+        return Path(location)
+    fs, path = _filesystem(location)
+    target = Path(tempfile.gettempdir()) / "laser-batch-artifacts" / hashlib.sha256(location.encode()).hexdigest()[:16]
+    if not (target / MANIFEST).exists():  # the manifest's checksums are verified when the sessions load
+        import pyarrow.fs as pafs
+
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+        partial.mkdir(parents=True)
+        try:
+            pafs.copy_files(path, str(partial), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        except Exception as e:
+            raise InputError(f"{location}: cannot copy the artefacts ({first_line(e)})") from e
+        try:
+            partial.rename(target)
+        except OSError:  # another worker on this machine finished first
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+class _Registry:
+    """The handles of a job's scorer actors, so that the driver can end them when the job fails: Ray Data leaves
+    that to garbage collection, and anything that keeps the failure's traceback (a logging handler) keeps them."""
+
+    def __init__(self) -> None:
+        self.handles = []
+
+    def add(self, handle) -> None:
+        self.handles.append(handle)
+
+    def all(self) -> list:
+        return self.handles
+
+
+class _Scorer:
+    """A Ray Data actor: Recommender loaded once; each call scores a batch and writes its part file to staging."""
+
+    def __init__(self, *, artifacts: str, staging: str, drop: pl.Series | None, options: dict, registry,
+                 fault: dict | None = None) -> None:
+        import ray
+
+        registry.add.remote(ray.get_runtime_context().current_actor)
+        self.recommender = Recommender(local_artifacts(artifacts), **options)
+        self.fs, self.staging = _filesystem(staging)
+        self.drop, self.fault = drop, fault
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        users = pl.from_arrow(batch)
+        if self.drop is not None:  # every row of a duplicated user is handled by the driver
+            users = users.filter(~(pl.col("user_id").is_in(self.drop.implode()).fill_null(False)))
+        recs, rejects, stats = self.recommender.recommend(users)
+        name = uuid.uuid4().hex
+        _write(self.fs, recs, f"{self.staging}/part-{name}.parquet")
+        rejects_name = ""
+        if rejects.height:
+            rejects_name = f"rejects-{name}.parquet"
+            _write(self.fs, rejects, f"{self.staging}/{rejects_name}")
+        if self.fault is not None:
+            _inject_fault(self.fault)
+        return pa.table({"part": [f"part-{name}.parquet"], "rejects": [rejects_name], "stats": [json.dumps(stats)],
+                         "provider": [self.recommender.providers[0]]})
+
+
+def _inject_fault(fault: dict) -> None:
+    """Testing hook: the first call anywhere (an O_EXCL marker file) dies after writing its part file."""
+    try:
+        os.close(os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    if fault["mode"] == "exit":
+        os._exit(1)
+    raise RuntimeError("injected fault")
+
+
+def _write(fs, df: pl.DataFrame, path: str) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        df.write_parquet(f)
+    fs.move(tmp, path)
+
+
+def _read(fs, path: str) -> pl.DataFrame:
+    import pyarrow.parquet as pq
+
+    return pl.from_arrow(pq.read_table(path, filesystem=fs))
+
+
+def _duplicates(fs, files: list[str]) -> tuple[int, pl.DataFrame]:
+    """(input rows, rows of duplicated users: `_pos` (input order), user_id, history), from the user_id column."""
+    import pyarrow.parquet as pq
+
+    hashes, sizes = [], []
+    for path in files:
+        metadata = pq.ParquetFile(path, filesystem=fs)
+        sizes.append(metadata.metadata.num_rows)
+        for batch in metadata.iter_batches(columns=["user_id"], batch_size=1 << 20):
+            hashes.append(pl.from_arrow(batch.column(0)).hash(seed=0).to_numpy())
+    rows = int(sum(sizes))
+    hashes = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.uint64)
+    order = np.argsort(hashes, kind="stable")
+    same = hashes[order][1:] == hashes[order][:-1]
+    candidates = np.unique(np.concatenate([order[1:][same], order[:-1][same]]))
+    if not len(candidates):
+        return rows, pl.DataFrame()
+    # The few candidate rows are read back in full and compared by their real ids (nulls are not duplicates).
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    picked = []
+    for k, path in enumerate(files):
+        local = candidates[(candidates >= offsets[k]) & (candidates < offsets[k + 1])] - offsets[k]
+        if len(local):
+            table = pq.read_table(path, filesystem=fs, columns=["user_id", "history"]).take(local)
+            picked.append(pl.from_arrow(table).with_columns(_pos=pl.Series(local + offsets[k])))
+    found = pl.concat(picked).filter(pl.col("user_id").is_not_null())
+    return rows, found.filter(pl.col("user_id").is_duplicated()).sort("_pos")
+
+
+def score_ray(
+    users: str | Path,
+    artifacts: str | Path,
+    out: str | Path,
+    *,
+    top_k: int = 20,
+    batch_size: int = 64,
+    device: str = "auto",
+    threads: int = 0,
+    include_history: bool = False,
+    variant: str = "",
+    chunk_size: int = DEFAULT_CHUNK,
+    resume: bool = False,
+    overwrite: bool = False,
+    interactions: bool = False,
+    ray_address: str | None = None,
+    workers: int = 0,
+    gpus_per_worker: float | None = None,
+    _fault: dict | None = None,
+    **recommender_options,
+) -> dict:
+    """Run the job on Ray Data and write OUT as the local engine does; returns the summary.
+
+    Args:
+        users, artifacts, out: paths (on a filesystem every worker sees) or pyarrow-filesystem URIs.
+        ray_address: a running cluster ("auto", "ray://head:10001", ...); None: ray.init()'s default (RAY_ADDRESS,
+            else a local cluster). A Ray session already started in this process is used as it is.
+        workers: scorer actors (0: one per GPU, or one per `threads` CPUs leaving one CPU for reading).
+        gpus_per_worker: GPUs reserved per actor (None: 1 when the cluster has GPUs and device is auto/cuda).
+        Other options as in `laser_batch.score.score_users`; `threads` 0 means one ONNX Runtime thread per CPU
+        reserved for an actor. Further keywords (e.g. max_batch_tokens) go to every actor's `Recommender`.
+        _fault: testing hook, {"marker": path, "mode": "exit" | "raise"}: the first batch that creates the marker
+            file dies (os._exit) or raises after writing its part file.
+
+    Raises:
+        EngineError: Ray is not installed or not reachable, or the Ray job failed (OUT is then not finished).
+        InputError, ArtifactError: bad input, options or artefacts, before any Ray work.
+    """
+    ray, _ = _import_ray()
+    started = time.perf_counter()
+    if interactions:
+        raise InputError("--interactions is not supported with --engine ray: group the rows into user_id, history "
+                         "first (or use --engine local)")
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    for option, value in (("--chunk-size", chunk_size), ("--top-k", top_k), ("--batch-size", batch_size)):
+        if value < 1:
+            raise InputError(f"{option} {value}: expected a positive integer")
+    if workers < 0 or (gpus_per_worker is not None and gpus_per_worker < 0):
+        raise InputError("--workers and --gpus-per-worker must not be negative")
+    in_fs, files = input_files(str(users))
+    model = local_artifacts(str(artifacts))
+    from laser_batch.artifacts import load_manifest
+
+    load_manifest(model)  # a missing file or a failing checksum stops here, before Ray starts
+    check_schema(in_fs, files, pl.read_parquet_schema(model / ITEM_IDS)["item_id"])
+    rows, dups = _duplicates(in_fs, files)
+    if rows == 0:
+        raise InputError(f"{users}: no rows, nothing to score")
+    out_fs, root = _filesystem(str(out))
+    job = {"engine": "ray", "input": [in_fs.get_file_info(f).size for f in files], "files": files,
+           "manifest_sha256": hashlib.sha256((model / MANIFEST).read_bytes()).hexdigest(), "top_k": top_k,
+           "include_history": include_history, "variant": variant, "chunk_size": chunk_size}
+    _prepare_out(out_fs, root, str(out), job, resume=resume, overwrite=overwrite)
+    _connect(ray, ray_address)
+    resources = ray.cluster_resources()
+    if gpus_per_worker is None:
+        gpus_per_worker = 1.0 if device != "cpu" and resources.get("GPU", 0) > 0 else 0.0
+    if gpus_per_worker > 0 and device == "cpu":
+        raise InputError("--gpus-per-worker with --device cpu: pass --device cuda or auto, or no GPUs")
+    if device == "cuda" and gpus_per_worker == 0:
+        raise InputError("--device cuda with --engine ray needs GPUs on the cluster (--gpus-per-worker > 0)")
+    cpus = 1 if gpus_per_worker else max(1, threads)
+    if not workers:
+        workers = (max(1, int(resources.get("GPU", 0) // gpus_per_worker)) if gpus_per_worker
+                   else max(1, int(resources.get("CPU", 1) // cpus) - 1))
+    options = {"top_k": top_k, "batch_size": batch_size, "threads": threads or cpus,
+               "device": "cuda" if gpus_per_worker else "cpu", "include_history": include_history, "variant": variant,
+               **recommender_options}
+    attempt = f"{STAGING}/{uuid.uuid4().hex[:12]}"
+    staging = f"{root}/{attempt}"  # on out_fs; the actors open it from its location
+    out_fs.create_dir(staging)
+    staging_location = f"{str(out).rstrip('/')}/{attempt}" if "://" in str(out) else staging
+    drop = dups["user_id"].unique() if dups.height else None
+    location = str(artifacts) if "://" in str(artifacts) else str(model.resolve())
+    logger.info("scoring %d users on Ray (%d worker(s), %g GPU(s) each, cluster %s)", rows, workers,
+                gpus_per_worker, {k: resources[k] for k in ("CPU", "GPU") if k in resources})
+    registry = ray.remote(num_cpus=0)(_Registry).remote()
+    dataset = ray.data.read_parquet(files, filesystem=in_fs, columns=["user_id", "history"], partitioning=None)
+    dataset = dataset.map_batches(
+        _Scorer, batch_size=chunk_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cpus, num_gpus=gpus_per_worker or None,  # Ray Data restarts dead actors and retries their batches
+        fn_constructor_kwargs={"artifacts": location, "staging": staging_location, "drop": drop, "options": options,
+                               "registry": registry, "fault": _fault})
+    try:
+        results = list(dataset.iter_rows())
+    except Exception as e:
+        for handle in ray.get(registry.all.remote()):  # free their CPUs/GPUs for the next job now
+            ray.kill(handle, no_restart=True)
+        raise _job_error(e) from None
+    finally:
+        ray.kill(registry)
+    if dups.height:
+        results.append(_score_duplicates(dups, model, options, out_fs, staging))
+    return _commit(out_fs, root, staging, results, rows, started, model=str(artifacts), top_k=top_k,
+                   kind=_kind(model), manifest_sha256=job["manifest_sha256"], workers=workers,
+                   gpus_per_worker=gpus_per_worker)
+
+
+def _connect(ray, address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    except Exception as e:
+        where = f"--ray-address {address}" if address else "a local Ray cluster"
+        raise EngineError(f"{where}: cannot start or connect ({first_line(e)})") from e
+
+
+def _job_error(e: Exception) -> LaserBatchError:
+    """The typed error a worker raised (e.g. an ArtifactError), else EngineError with the worker's root cause.
+
+    Ray wraps a worker's exception in a RayTaskError and a UserCodeException, whose text holds the remote
+    traceback: its first "Name: message" line is the root cause."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    match = re.search(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception)): (.+)$", text, re.MULTILINE)
+    if match is None:
+        return EngineError(f"the Ray job failed, OUT is not finished (rerun with --resume): {first_line(e)}")
+    typed = getattr(errors, match[1], None)
+    if isinstance(typed, type) and issubclass(typed, LaserBatchError):
+        return typed(match[2])
+    return EngineError(f"the Ray job failed, OUT is not finished (rerun with --resume): {match[1]}: {match[2]}")
+
+
+def _kind(model: Path) -> str:
+    return json.loads((model / MANIFEST).read_text())["kind"]
+
+
+def _prepare_out(fs, root: str, shown: str, job: dict, *, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty OUT unless resuming the same job or overwriting; then empty it and write the job file."""
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        fs.create_dir(root)
+        children = []
+    else:
+        children = fs.get_file_info(pafs.FileSelector(root))
+    if children and not (resume or overwrite):
+        raise InputError(f"{shown}: not empty; pass --resume to finish an interrupted job or --overwrite to replace it")
+    job_path = f"{root}/{JOB_FILE}"
+    if resume and fs.get_file_info(job_path).type == pafs.FileType.File:
+        with fs.open_input_stream(job_path) as f:
+            previous = json.loads(f.read())
+        changed = [k for k in job if previous.get(k) != job[k]]
+        if changed:
+            raise InputError(f"{shown}: the interrupted job had another {', '.join(changed)}; use --overwrite to "
+                             "start over")
+    # Ray Data keeps no partial results: a resumed job starts again from an empty OUT.
+    fs.delete_dir_contents(root)
+    with fs.open_output_stream(job_path) as f:
+        f.write((json.dumps(job, indent=2) + "\n").encode())
+
+
+def _score_duplicates(dups: pl.DataFrame, model: Path, options: dict, fs, staging: str) -> dict:
+    """On the driver: the first row of each duplicated user is scored, the later rows are rejects."""
+    first = dups.filter(pl.col("user_id").is_first_distinct())
+    later = dups.filter(~pl.col("user_id").is_first_distinct())
+    recommender = Recommender(model, **{**options, "device": "cpu", "threads": 0})
+    recs, rejects, stats = recommender.recommend(first.select("user_id", "history"))
+    rejects = pl.concat([rejects, later.select("user_id", reason=pl.lit("duplicate user"))])
+    stats = Counter(stats)
+    stats["users_in"] += later.height
+    stats["rejected:duplicate user"] += later.height
+    name = uuid.uuid4().hex
+    _write(fs, recs, f"{staging}/part-{name}.parquet")
+    _write(fs, rejects, f"{staging}/rejects-{name}.parquet")
+    return {"part": f"part-{name}.parquet", "rejects": f"rejects-{name}.parquet", "stats": json.dumps(stats),
+            "provider": recommender.providers[0]}
+
+
+def _commit(fs, root: str, staging: str, results: list[dict], rows: int, started: float, **info) -> dict:
+    """Move the listed part files into OUT, merge the rejects, write the summary, drop the staging, then _SUCCESS."""
+    totals: Counter = Counter()
+    for r in results:
+        totals.update(json.loads(r["stats"]))
+    if totals["users_in"] != rows:
+        raise EngineError(f"internal error: {rows} input rows but {totals['users_in']} accounted for; OUT is not "
+                          "finished")
+    for k, r in enumerate(results):  # files of attempts that died are not listed and go with the staging
+        fs.move(f"{staging}/{r['part']}", f"{root}/part-{k:05d}.parquet")
+    rejects = [_read(fs, f"{staging}/{r['rejects']}") for r in results if r["rejects"]]
+    rejects = (pl.concat(rejects, how="vertical_relaxed") if rejects
+               else pl.DataFrame(schema={"user_id": pl.Int64, "reason": pl.String}))
+    _write(fs, rejects, f"{root}/rejects.parquet")
+    seconds = time.perf_counter() - started
+    padded = max(totals["padded_tokens"], 1)
+    summary = {
+        "users_in": totals["users_in"], "users_scored": totals["scored"],
+        "users_rejected": {r: totals.get(f"rejected:{r}", 0) for r in REJECT_REASONS},
+        "unknown_items_dropped": totals["unknown_items_dropped"], "chunks": len(results), "seconds": round(seconds, 2),
+        "users_per_second": round(totals["scored"] / seconds, 2),
+        "tokens_per_second": round(totals["real_tokens"] / seconds, 1),
+        "padding_efficiency": round(totals["real_tokens"] / padded, 4),
+        "provider": results[0]["provider"], "providers": sorted({r["provider"] for r in results}),
+        "engine": "ray", "model_kind": info.pop("kind"), **info,
+    }
+    with fs.open_output_stream(f"{root}/summary.json") as f:
+        f.write((json.dumps(summary, indent=2) + "\n").encode())
+    fs.delete_dir(f"{root}/{STAGING}")
+    with fs.open_output_stream(f"{root}/{SUCCESS}") as f:
+        f.write(b"")
+    return summary

@@ -1,0 +1,143 @@
+"""The Ray engine on a local Ray cluster: the local engine's result, through a dead actor and a failed job."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+from test_score import _recs, _users, artifacts  # noqa: F401 (the tiny Laser artefacts, built once per module)
+from typer.testing import CliRunner
+
+from laser_batch.cli import app
+from laser_batch.errors import EngineError, InputError
+from laser_batch.score import score_users
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def users_dir(artifacts, tmp_path_factory):  # noqa: F811
+    """Three files: the example users, and bad rows among them; user 1 and user 6 appear again in a later file
+    with other histories (the first occurrence is the one scored). Also the same rows as one file."""
+    users = _users(artifacts)
+    known = users["history"][0].to_list()
+    bad = pl.DataFrame({
+        "user_id": [users["user_id"][0], None, 9001, 9002, 9003, 9004, users["user_id"][5]],
+        "history": [known[:2], known, [], None, [777777, 888888], [777777, *known], known[:3]],
+    }, schema={"user_id": pl.Int64, "history": pl.List(pl.Int64)})
+    rows = pl.concat([users, bad])
+    root = tmp_path_factory.mktemp("ray_input")
+    (root / "dir").mkdir()
+    for name, start, length in (("a", 0, 25), ("b", 25, 30), ("c", 55, None)):
+        rows.slice(start, length).write_parquet(root / "dir" / f"{name}.parquet")
+    rows.write_parquet(root / "all.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_out(artifacts, users_dir, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("local") / "out"
+    score_users(users_dir / "all.parquet", artifacts / "laser_art", out, top_k=5, chunk_size=16)
+    return out
+
+
+def score_ray_dir(artifacts, users_dir, out, *, model=None, **options):  # noqa: F811
+    from laser_batch.ray_engine import score_ray
+
+    return score_ray(str(users_dir / "dir"), model or str(artifacts / "laser_art"), str(out), top_k=5, chunk_size=16,
+                     workers=1, **options)
+
+
+def _assert_same_result(ray_out, local_out):
+    mine, local = _recs(ray_out), _recs(local_out)
+    assert mine.schema == local.schema
+    assert mine.select("user_id", "rank", "item_id").equals(local.select("user_id", "rank", "item_id"))
+    np.testing.assert_allclose(mine["score"].to_numpy(), local["score"].to_numpy(), atol=1e-5)
+    rejects = [pl.read_parquet(out / "rejects.parquet").sort("user_id", "reason") for out in (ray_out, local_out)]
+    assert rejects[0].equals(rejects[1])
+    summaries = [json.loads((out / "summary.json").read_text()) for out in (ray_out, local_out)]
+    for key in ("users_in", "users_scored", "users_rejected", "unknown_items_dropped", "manifest_sha256"):
+        assert summaries[0][key] == summaries[1][key], key
+    assert (ray_out / "_SUCCESS").exists() and not (ray_out / "_temporary").exists()
+    assert mine.select("user_id", "rank").is_unique().all()
+
+
+def test_ray_output_equals_the_local_engine_and_every_user_is_accounted_for(artifacts, users_dir, local_out,  # noqa: F811
+                                                                            ray_cluster, tmp_path):
+    summary = score_ray_dir(artifacts, users_dir, tmp_path / "out", model=(artifacts / "laser_art").as_uri())
+    _assert_same_result(tmp_path / "out", local_out)
+    rows = pl.read_parquet(users_dir / "all.parquet")
+    scored = _recs(tmp_path / "out")["user_id"].unique()
+    rejects = pl.read_parquet(tmp_path / "out" / "rejects.parquet")
+    assert scored.len() + rejects.height == rows.height == summary["users_in"]
+    assert summary["users_rejected"] == {"null user_id": 1, "duplicate user": 2, "empty history": 2,
+                                         "no known items": 1}
+    assert summary["engine"] == "ray" and summary["chunks"] >= 3
+
+
+def test_a_scorer_that_dies_once_is_retried_and_the_result_is_unchanged(artifacts, users_dir, local_out,  # noqa: F811
+                                                                      ray_cluster, tmp_path):
+    marker = tmp_path / "died"
+    score_ray_dir(artifacts, users_dir, tmp_path / "out", _fault={"marker": str(marker), "mode": "exit"})
+    assert marker.exists(), "the fault was not injected"
+    _assert_same_result(tmp_path / "out", local_out)  # the dead attempt's part file was not committed
+
+
+def test_a_failed_job_never_looks_finished_and_rerunning_completes_it(artifacts, users_dir, local_out,  # noqa: F811
+                                                                      ray_cluster, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(EngineError, match="the Ray job failed, OUT is not finished .*RuntimeError: injected fault"):
+        score_ray_dir(artifacts, users_dir, out, _fault={"marker": str(tmp_path / "failed"), "mode": "raise"})
+    assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
+    with pytest.raises(InputError, match="not empty; pass --resume"):
+        score_ray_dir(artifacts, users_dir, out)
+    score_ray_dir(artifacts, users_dir, out, resume=True)
+    _assert_same_result(out, local_out)
+
+
+def test_cli_engine_ray_and_its_errors(artifacts, users_dir, local_out, ray_cluster, tmp_path):  # noqa: F811
+    model = str(artifacts / "laser_art")
+    base = ["score", str(users_dir / "dir"), "--model", model, "--top-k", "5", "--chunk-size", "16"]
+    done = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "out"), "--engine", "ray", "--workers", "1"])
+    assert done.exit_code == 0, done.output
+    assert "61 users scored, 6 rejected" in done.output
+    _assert_same_result(tmp_path / "out", local_out)
+    misplaced = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "x"), "--workers", "2"])
+    assert misplaced.exit_code == 2 and "need --engine ray" in misplaced.output
+    pl.DataFrame({"user_id": [1], "items": [[1]]}).write_parquet(tmp_path / "bad.parquet")
+    bad = CliRunner().invoke(app, ["score", str(tmp_path / "bad.parquet"), "--model", model, "--out",
+                                   str(tmp_path / "y"), "--engine", "ray"])
+    assert bad.exit_code == 2 and "missing column(s) history" in bad.output
+    assert not (tmp_path / "y").exists()
+
+
+def _run(code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_the_local_engine_never_imports_ray(artifacts, tmp_path):  # noqa: F811
+    path = tmp_path / "users.parquet"
+    _users(artifacts, 4).write_parquet(path)
+    args = ["score", str(path), "--model", str(artifacts / "laser_art"), "--out", str(tmp_path / "out")]
+    done = _run(f"import sys; from laser_batch.cli import app; app({args!r}, standalone_mode=False); "
+                "assert 'ray' not in sys.modules, 'ray imported'; print('ok')")
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr
+
+
+def test_engine_ray_without_ray_installed_is_one_clear_line(artifacts, tmp_path):  # noqa: F811
+    path = tmp_path / "users.parquet"
+    _users(artifacts, 4).write_parquet(path)
+    args = ["score", str(path), "--model", str(artifacts / "laser_art"), "--out", str(tmp_path / "out"),
+            "--engine", "ray"]
+    done = _run(f"import sys; sys.modules['ray'] = None; from laser_batch.cli import app; app({args!r})")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: --engine ray needs Ray Data")
+    assert "pip install 'laser-batch[ray]'" in done.stderr and not (tmp_path / "out").exists()
