@@ -323,6 +323,9 @@ def score_ray(
     location = str(artifacts) if "://" in str(artifacts) else str(model.resolve())
     logger.info("scoring %d users on Ray (%d worker(s), %g GPU(s) each, cluster %s)", rows, workers,
                 gpus_per_worker, {k: resources[k] for k in ("CPU", "GPU") if k in resources})
+    # Ray Data's V2 Parquet reader starts reader actors from inside its listing task; with the scorer actors
+    # holding the other CPUs of a small cluster that waits forever. The V1 reader needs no actors.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
     registry = ray.remote(num_cpus=0)(_Registry).remote()
     dataset = ray.data.read_parquet(files, filesystem=in_fs, columns=["user_id", "history"], partitioning=None)
     dataset = dataset.map_batches(
