@@ -180,6 +180,8 @@ class LaserConfig:
     # sample, set with the catalogue mean at each item re-encoding) instead of by the catalogue mean. 0: by the
     # catalogue mean. With one shared centre, whatever the training learns to add to every user is added to every
     # item at the next re-encoding and subtracted again by the new centre, so stage 1 chases its own shift.
+    # Measured on ML-100K with the embedded tiny LLM, 4 epochs of stage 1, lr 1e-4: test HR@10 0.0435 with 256
+    # users against 0.0997 with the shared centre, so it stays off by default; not yet measured with SmolLM2.
     center_users: int = 0
     # An item's M-Former input: "embedding" = its row of the frozen SASRec's item-embedding table (the vector that
     # SASRec's user states are trained to point at); "sequence" = SASRec's output for the one-item history.
