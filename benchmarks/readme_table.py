@@ -120,14 +120,18 @@ def score_ray_table(results_dir: Path) -> str:
     r = json.loads((results_dir / "score_ray.json").read_text()) if (results_dir / "score_ray.json").exists() else {}
     if not r:
         return "(no results yet: run python benchmarks/score_ray.py)"
-    rows = ["| engine | layout | users/s | job seconds | same ranked items as local |", "|---|---|---|---|---|"]
+    rows = ["| engine | layout | users/s | job seconds | same ranked list / top-K set as local | max score diff |",
+            "|---|---|---|---|---|---|"]
     for run in r["runs"]:
         if run["engine"] == "local":
-            layout, same = f"1 process x {run['threads']} ORT threads", ""
+            layout = f"1 process x {run['threads']} ORT threads" + (" (again, after Ray)" if run.get("again") else "")
+            same = diff = ""
         else:
             layout = f"{run['workers']} actor(s) x {run['threads_per_worker']} ORT thread(s)"
-            same = "yes" if run["same_ranked_items_as_local"] else "**no**"
-        rows.append(f"| {run['engine']} | {layout} | {run['users_per_s']:.1f} | {run['seconds']:.1f} | {same} |")
+            same = f"{run['same_ranked_list_share']:.2%} / {run['same_top_k_set_share']:.2%}"
+            diff = f"{run['max_abs_score_diff']:.1e}"
+        rows.append(f"| {run['engine']} | {layout} | {run['users_per_s']:.1f} | {run['seconds']:.1f} | {same} "
+                    f"| {diff} |")
     c = r["configuration"]
     return "\n".join(rows) + (f"\n{c['users']} synthetic users in {c['input_files']} Parquet files, tiny Laser "
                               f"model, chunks of {c['chunk_size']} users, top {c['top_k']}; Ray: a local cluster "
