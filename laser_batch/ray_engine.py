@@ -42,6 +42,7 @@ from laser_batch.errors import EngineError, InputError, LaserBatchError
 from laser_batch.score import DEFAULT_CHUNK, JOB_FILE, REJECT_REASONS, SUCCESS, Recommender
 
 logger = logging.getLogger(__name__)
+MAX_ACTOR_RESTARTS = 3  # per scorer actor (and retries per batch) before the job fails
 
 STAGING = "_temporary"
 RAY_EXTRA = "pip install 'laser-batch[ray]'"
@@ -184,11 +185,13 @@ class _Scorer:
 
 
 def _inject_fault(fault: dict) -> None:
-    """Testing hook: the first call anywhere (an O_EXCL marker file) dies after writing its part file."""
+    """Testing hook: the first call anywhere (an O_EXCL marker file), or every call with "always", dies after
+    writing its part file."""
     try:
         os.close(os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        return
+        if not fault.get("always"):
+            return
     if fault["mode"] == "exit":
         os._exit(1)
     raise RuntimeError("injected fault")
@@ -267,8 +270,8 @@ def score_ray(
         gpus_per_worker: GPUs reserved per actor (None: 1 when the cluster has GPUs and device is auto/cuda).
         Other options as in `laser_batch.score.score_users`; `threads` 0 means one ONNX Runtime thread per CPU
         reserved for an actor. Further keywords (e.g. max_batch_tokens) go to every actor's `Recommender`.
-        _fault: testing hook, {"marker": path, "mode": "exit" | "raise"}: the first batch that creates the marker
-            file dies (os._exit) or raises after writing its part file.
+        _fault: testing hook, {"marker": path, "mode": "exit" | "raise", "always": bool}: the first batch that
+            creates the marker file (every batch with "always") dies (os._exit) or raises after writing its part.
 
     Raises:
         EngineError: Ray is not installed or not reachable, or the Ray job failed (OUT is then not finished).
@@ -330,7 +333,10 @@ def score_ray(
     dataset = ray.data.read_parquet(files, filesystem=in_fs, columns=["user_id", "history"], partitioning=None)
     dataset = dataset.map_batches(
         _Scorer, batch_size=chunk_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=cpus, num_gpus=gpus_per_worker or None,  # Ray Data restarts dead actors and retries their batches
+        num_cpus=cpus, num_gpus=gpus_per_worker or None,
+        # Ray Data restarts dead actors and retries their batches, by default without end: bound it so that a scorer
+        # that dies every time fails the job instead of looping.
+        max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_ACTOR_RESTARTS,
         fn_constructor_kwargs={"artifacts": location, "staging": staging_location, "drop": drop, "options": options,
                                "registry": registry, "fault": _fault})
     try:

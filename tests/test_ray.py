@@ -98,6 +98,15 @@ def test_a_scorer_that_dies_once_is_retried_and_the_result_is_unchanged(artifact
     _assert_same_result(tmp_path / "out", local_out)  # the dead attempt's part file was not committed
 
 
+def test_a_scorer_that_always_dies_fails_the_job_instead_of_retrying_forever(artifacts, users_dir,  # noqa: F811
+                                                                           ray_cluster, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(EngineError, match="the Ray job failed, OUT is not finished"):
+        score_ray_dir(artifacts, users_dir, out, _fault={"marker": str(tmp_path / "dies"), "mode": "exit",
+                                                         "always": True})
+    assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
+
+
 def test_a_failed_job_never_looks_finished_and_rerunning_completes_it(artifacts, users_dir, local_out,  # noqa: F811
                                                                       ray_cluster, tmp_path):
     out = tmp_path / "out"
