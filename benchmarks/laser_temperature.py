@@ -15,7 +15,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +22,7 @@ from laser_batch.checkpoint import load_laser, read_run_info
 from laser_batch.config import TextConfig, from_dict
 from laser_batch.contracts import load_data_dir
 from laser_batch.encode import encode_users, laser_inputs
-from laser_batch.sequences import build_sequences
+from laser_batch.sequences import build_sequences, evenly_spread
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,7 +39,7 @@ def main() -> None:
     inputs = laser_inputs(model.llm, data.items, sequences, from_dict(TextConfig, config["text"], "text"),
                           model.sasrec.config.max_len)
     histories, targets = sequences.split("valid")
-    rows = np.unique(np.linspace(0, len(targets) - 1, num=args.users).astype(np.int64))
+    rows = evenly_spread(len(targets), args.users)
     users = encode_users(model, inputs, [histories[r] for r in rows], batch_size=32)
     cosine = users @ items.T  # (U, N)
     target = torch.from_numpy(targets[rows] - 1)

@@ -378,7 +378,9 @@ def _held_out_histories(run_dir: Path, count: int) -> list[np.ndarray] | None:
 
 def _sample(histories: list[np.ndarray], targets: np.ndarray, count: int) -> tuple[list[np.ndarray], np.ndarray]:
     """`count` (history, target) pairs spread evenly over the users (deterministic)."""
-    rows = np.unique(np.linspace(0, len(histories) - 1, num=min(count, len(histories))).astype(np.int64))
+    from laser_batch.sequences import evenly_spread
+
+    rows = evenly_spread(len(histories), count)
     return [histories[r] for r in rows], np.asarray(targets)[rows]
 
 

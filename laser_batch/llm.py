@@ -123,9 +123,10 @@ class FrozenLLM:
 
 def load_llm(config: LLMConfig) -> FrozenLLM:
     """Load the frozen LLM named by `config.source` in `config.dtype`; any failure is an `InputError`."""
-    source, dtype = config.source, resolve_dtype(config.dtype)
+    source = config.source
     if source == TINY_SOURCE:
         return build_tiny_llm(dtype=config.dtype)
+    dtype = resolve_dtype(config.dtype)
     path = Path(source).expanduser()
     hub = False
     if source.lower().endswith(".gguf"):

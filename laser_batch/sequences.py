@@ -95,6 +95,11 @@ def build_sequences(interactions: pl.DataFrame, *, min_interactions: int = MIN_I
     return Sequences(user_ids=ordered["user_id"], item_ids=item_ids, seqs=seqs, dropped_users=dropped)
 
 
+def evenly_spread(total: int, count: int) -> np.ndarray:
+    """Indices of at most `count` of `total` rows, spread evenly from the first to the last (deterministic)."""
+    return np.unique(np.linspace(0, total - 1, num=min(count, total)).astype(np.int64))
+
+
 def pad_left(seqs: list[np.ndarray], maxlen: int) -> np.ndarray:
     """Keep the last `maxlen` items of each sequence, left-padded with 0: shape (len(seqs), maxlen)."""
     out = np.zeros((len(seqs), maxlen), dtype=np.int64)

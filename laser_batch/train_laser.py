@@ -28,7 +28,7 @@ from laser_batch.errors import CheckpointError
 from laser_batch.llm import FrozenLLM, load_llm
 from laser_batch.metrics import DEFAULT_KS, metrics_from_ranks, rank_targets
 from laser_batch.model import Laser
-from laser_batch.sequences import Sequences, build_sequences
+from laser_batch.sequences import Sequences, build_sequences, evenly_spread
 from laser_batch.train import NoProgress, Progress, length_batches, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -123,11 +123,12 @@ def train_laser(
     scheduler = warmup_cosine(optimizer, steps_per_epoch * (cfg.stage1_epochs + cfg.stage2_epochs), cfg.warmup_ratio)
     valid_histories, valid_targets = sequences.split("valid")
     if cfg.valid_users and cfg.valid_users < len(valid_targets):  # a fixed, evenly spread subset (CPU budgets)
-        rows = np.unique(np.linspace(0, len(valid_targets) - 1, num=cfg.valid_users).astype(np.int64))
+        rows = evenly_spread(len(valid_targets), cfg.valid_users)
         valid_histories, valid_targets = [valid_histories[r] for r in rows], valid_targets[rows]
-    train_histories = training_samples(sequences, 1, np.random.default_rng(0))[0]  # before each last training item
-    rows = np.unique(np.linspace(0, len(train_histories) - 1, num=max(cfg.center_users, 1)).astype(np.int64))
-    centre_histories = [train_histories[r] for r in rows]
+    centre_histories = []
+    if cfg.center_users:  # a fixed sample of histories before each last training item
+        train_histories = training_samples(sequences, 1, np.random.default_rng(0))[0]
+        centre_histories = [train_histories[r] for r in evenly_spread(len(train_histories), cfg.center_users)]
     select = config.train.select_metric
     ks = sorted({*DEFAULT_KS, *config.train.select_ks})
     n_trainable = sum(p.numel() for p in params)
