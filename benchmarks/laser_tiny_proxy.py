@@ -34,6 +34,10 @@ VARIANTS = {  # name -> [laser] changes on top of COMMON and the benchmark confi
     "lr1e-3_no_center": {"lr": 1e-3, "center": False},
     "lr1e-4_no_center": {"lr": 1e-4, "center": False},
     "lr1e-4_center_users": {"lr": 1e-4, "center": True, "center_users": 256},
+    "lr1e-4_center_tau0.2": {"lr": 1e-4, "center": True, "temperature": 0.2},
+    "lr1e-4_center_tau0.5": {"lr": 1e-4, "center": True, "temperature": 0.5},
+    "lr3e-4_center_tau0.2": {"lr": 3e-4, "center": True, "temperature": 0.2},
+    "lr1e-4_center_tau0.2_4samples": {"lr": 1e-4, "center": True, "temperature": 0.2, "samples_per_user": 4},
 }
 
 
@@ -67,6 +71,7 @@ def main() -> None:
         record["variants"][name] = {
             "laser": VARIANTS[name], "test": {k: metrics[k] for k in METRICS},
             "best": [result.best_stage, result.best_epoch], "wall_seconds": round(time.perf_counter() - started),
+            "cpu": machine()["cpu"],
             "epochs": [{k: e[k] for k in ("stage", "epoch", "loss", "HR@10", "NDCG@10")} for e in epochs],
         }
         save(args.results, record)

@@ -37,6 +37,11 @@ def file_record(directory: Path, name: str) -> dict:
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
+def manifest_sha256(directory: Path) -> str:
+    """sha256 of ARTIFACTS/manifest.json: names the model a job ran (it lists every file's own sha256)."""
+    return sha256_file(Path(directory) / MANIFEST)
+
+
 def load_manifest(directory: Path, *, verify: bool = True) -> dict:
     """Read ARTIFACTS/manifest.json and (by default) check every listed file's size and sha256.
 

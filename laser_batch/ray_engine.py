@@ -36,9 +36,10 @@ import numpy as np
 import polars as pl
 
 from laser_batch import errors
-from laser_batch.artifacts import ITEM_IDS, MANIFEST
+from laser_batch.artifacts import ITEM_IDS, MANIFEST, manifest_sha256
 from laser_batch.contracts import first_line
 from laser_batch.errors import EngineError, InputError, LaserBatchError
+from laser_batch.inputs import check_users_schema, filesystem, list_input
 from laser_batch.score import DEFAULT_CHUNK, JOB_FILE, REJECT_REASONS, SUCCESS, Recommender
 
 logger = logging.getLogger(__name__)
@@ -58,70 +59,11 @@ def _import_ray():
     return ray, pyarrow.fs
 
 
-def _filesystem(location: str):
-    """(pyarrow filesystem, path on it) of a local path or a URI such as s3://bucket/dir or file:///dir."""
-    import pyarrow.fs as pafs
-
-    if "://" in location:
-        try:
-            return pafs.FileSystem.from_uri(location)
-        except Exception as e:
-            raise InputError(f"{location}: cannot open this URI ({first_line(e)})") from e
-    return pafs.LocalFileSystem(), str(Path(location).resolve())
-
-
-def input_files(location: str):
-    """(filesystem, files) of INPUT: one Parquet file, or a directory's `*.parquet` files sorted by name (names
-    starting with "." or "_" skipped, subdirectories not read), as for the local engine."""
-    import pyarrow.fs as pafs
-
-    fs, path = _filesystem(location)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise InputError(f"{location}: file not found")
-    if info.type != pafs.FileType.Directory:
-        return fs, [path]
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File
-                   and i.base_name.endswith(".parquet") and not i.base_name.startswith((".", "_")))
-    if not files:
-        raise InputError(f"{location}: directory holds no .parquet files")
-    return fs, files
-
-
-def check_schema(fs, files: list[str], item_dtype: pl.DataType) -> None:
-    """Every file has `user_id` (integer or string) and `history` (list of ids of the model's kind), alike."""
-    import pyarrow.parquet as pq
-
-    first = None
-    for path in files:
-        try:
-            schema = pl.from_arrow(pq.read_schema(path, filesystem=fs).empty_table()).schema
-        except Exception as e:
-            raise InputError(f"{path}: not a readable Parquet file ({first_line(e)})") from e
-        missing = [c for c in ("user_id", "history") if c not in schema]
-        if missing:
-            raise InputError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(schema) or 'none'})")
-        user, history = schema["user_id"], schema["history"]
-        if not (user.is_integer() or user == pl.String):
-            raise InputError(f"{path}: column 'user_id' has type {user}, expected an integer or string id")
-        inner = history.inner if isinstance(history, pl.List) else None
-        if inner is None or not (inner.is_integer() or inner == pl.String):
-            raise InputError(f"{path}: column 'history' has type {history}, expected a list of item ids")
-        if (inner == pl.String) != (item_dtype == pl.String):
-            raise InputError(f"{path}: column 'history' holds {inner} item ids, but the model's item ids are "
-                             f"{item_dtype}")
-        pair = (user, history)
-        if first is not None and pair != first[1]:
-            raise InputError(f"{path}: user_id, history are {pair[0]}, {pair[1]} but {first[0]} has "
-                             f"{first[1][0]}, {first[1][1]}; every file of a directory must have the same schema")
-        first = first or (path, pair)
-
-
 def local_artifacts(location: str) -> Path:
     """ARTIFACTS as a local directory: a path as it is (shared filesystem), a URI copied once per machine."""
     if "://" not in location:
         return Path(location)
-    fs, path = _filesystem(location)
+    fs, path = filesystem(location)
     target = Path(tempfile.gettempdir()) / "laser-batch-artifacts" / hashlib.sha256(location.encode()).hexdigest()[:16]
     if not (target / MANIFEST).exists():  # the manifest's checksums are verified when the sessions load
         import pyarrow.fs as pafs
@@ -162,7 +104,7 @@ class _Scorer:
 
         registry.add.remote(ray.get_runtime_context().current_actor)
         self.recommender = Recommender(local_artifacts(artifacts), **options)
-        self.fs, self.staging = _filesystem(staging)
+        self.fs, self.staging = filesystem(staging)
         self.drop, self.fault = drop, fault
 
     def __call__(self, batch):
@@ -289,18 +231,18 @@ def score_ray(
             raise InputError(f"{option} {value}: expected a positive integer")
     if workers < 0 or (gpus_per_worker is not None and gpus_per_worker < 0):
         raise InputError("--workers and --gpus-per-worker must not be negative")
-    in_fs, files = input_files(str(users))
+    in_fs, files = list_input(users)
     model = local_artifacts(str(artifacts))
     from laser_batch.artifacts import load_manifest
 
     load_manifest(model)  # a missing file or a failing checksum stops here, before Ray starts
-    check_schema(in_fs, files, pl.read_parquet_schema(model / ITEM_IDS)["item_id"])
+    check_users_schema(users, pl.read_parquet_schema(model / ITEM_IDS)["item_id"])
     rows, dups = _duplicates(in_fs, files)
     if rows == 0:
         raise InputError(f"{users}: no rows, nothing to score")
-    out_fs, root = _filesystem(str(out))
+    out_fs, root = filesystem(str(out))
     job = {"engine": "ray", "input": [in_fs.get_file_info(f).size for f in files], "files": files,
-           "manifest_sha256": hashlib.sha256((model / MANIFEST).read_bytes()).hexdigest(), "top_k": top_k,
+           "manifest_sha256": manifest_sha256(model), "top_k": top_k,
            "include_history": include_history, "variant": variant, "chunk_size": chunk_size}
     _prepare_out(out_fs, root, str(out), job, resume=resume, overwrite=overwrite)
     _connect(ray, ray_address)

@@ -16,7 +16,6 @@ CLI drives it over the chunks and a distributed engine can map it over its block
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -30,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from laser_batch.artifacts import ITEM_IDS, ITEM_MATRIX, MANIFEST, Embedder
-from laser_batch.contracts import first_line
+from laser_batch.artifacts import ITEM_IDS, ITEM_MATRIX, Embedder, manifest_sha256
 from laser_batch.errors import InputError
+from laser_batch.inputs import check_users_schema, input_files
 from laser_batch.metrics import exclude_items
 
 logger = logging.getLogger(__name__)
@@ -49,10 +48,6 @@ DEFAULT_CHUNK = 50_000
 # synthetic users (~290 tokens): RSS growth 614 MB with 64-user batches, 301 MB at 8192 tokens, 159 MB at 4096;
 # 8192 cost that small model ~15% users/s (its ops are tiny, so per-run overheads weigh); wide LLMs lose less.
 DEFAULT_MAX_BATCH_TOKENS = 8192
-
-
-def _is_id(dtype: pl.DataType) -> bool:
-    return dtype.is_integer() or dtype == pl.String
 
 
 class Recommender:
@@ -91,7 +86,7 @@ class Recommender:
         self.id_map = pl.DataFrame({"item_id": self.item_ids,
                                     "_internal": np.arange(1, len(ids) + 1, dtype=np.int64)})
         self.providers = self.embedder.providers
-        self.manifest_sha256 = hashlib.sha256((self.artifacts / MANIFEST).read_bytes()).hexdigest()
+        self.manifest_sha256 = manifest_sha256(self.artifacts)
 
     @property
     def item_id_dtype(self) -> pl.DataType:
@@ -209,75 +204,6 @@ def batches(lengths: np.ndarray, batch_size: int, max_tokens: int) -> list[np.nd
     return out
 
 
-def input_files(path: Path) -> list[Path]:
-    """The Parquet files of an input: the file itself, or a directory's `*.parquet` files sorted by name (names
-    starting with "." or "_", such as temporary or marker files, are skipped; subdirectories are not read).
-
-    Raises:
-        InputError: no such path, or a directory without Parquet files.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    if not path.is_dir():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.suffix == ".parquet" and p.is_file()
-                   and not p.name.startswith((".", "_")))
-    if not files:
-        raise InputError(f"{path}: directory holds no .parquet files")
-    return files
-
-
-def check_users_schema(path: Path, item_dtype: pl.DataType | None = None, *, interactions: bool = False) -> dict:
-    """Check the input's columns and types from its Parquet schema (no data read); returns the schema.
-
-    `path` is a Parquet file or a directory of them (`input_files`); every file must have the same schema, and
-    an error names the first file that does not.
-    """
-    files = input_files(path)
-    first = _check_file_schema(files[0], item_dtype, interactions=interactions)
-    for file in files[1:]:
-        schema = _check_file_schema(file, item_dtype, interactions=interactions)
-        if schema != first:
-            differ = [f"{c}: {schema.get(c, 'missing')} vs {first.get(c, 'missing')}"
-                      for c in dict.fromkeys([*first, *schema]) if schema.get(c) != first.get(c)]
-            raise InputError(f"{file}: schema differs from {files[0].name} ({'; '.join(differ)}); every file of "
-                             "the input directory must have the same columns and types")
-    return first
-
-
-def _check_file_schema(path: Path, item_dtype: pl.DataType | None, *, interactions: bool) -> dict:
-    if not path.is_file():
-        raise InputError(f"{path}: not a file")
-    try:
-        schema = dict(pl.read_parquet_schema(path))
-    except Exception as e:
-        raise InputError(f"{path}: not a readable Parquet file ({first_line(e)})") from e
-    required = ("user_id", "item_id", "timestamp") if interactions else ("user_id", "history")
-    missing = [c for c in required if c not in schema]
-    if missing:
-        hint = "" if interactions else " (or pass --interactions for user_id, item_id, timestamp rows)"
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(schema) or 'none'})"
-                         f"{hint}")
-    if not _is_id(schema["user_id"]):
-        raise InputError(f"{path}: column 'user_id' has type {schema['user_id']}, expected an integer or string id")
-    if interactions:
-        item = schema["item_id"]
-        if not (schema["timestamp"].is_numeric() or schema["timestamp"].is_temporal()):
-            raise InputError(f"{path}: column 'timestamp' has type {schema['timestamp']}, expected a number or "
-                             "datetime")
-    else:
-        history = schema["history"]
-        if not isinstance(history, pl.List) or not _is_id(history.inner):
-            raise InputError(f"{path}: column 'history' has type {history}, expected a list of item ids")
-        item = history.inner
-    if item_dtype is not None and (item == pl.String) != (item_dtype == pl.String):
-        column = "item_id" if interactions else "history"
-        raise InputError(f"{path}: column '{column}' holds {item} item ids, but the model's item ids are "
-                         f"{item_dtype}")
-    return schema
-
-
 def score_users(
     users_path: Path,
     artifacts: Path,
@@ -299,7 +225,7 @@ def score_users(
 ) -> dict:
     """Run the job over `users_path` (or grouped interactions) and write OUT_DIR; returns the summary.
 
-    `users_path` is one Parquet file or a directory of Parquet files with one schema (`input_files`), read as
+    `users_path` is one Parquet file or a directory of Parquet files with one schema (`laser_batch.inputs`), read as
     their concatenation in name order. A resumed job must see the same files, sizes and modification times.
     """
     users_path, out = Path(users_path), Path(out)
