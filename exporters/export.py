@@ -44,6 +44,7 @@ VALIDATION_SHAPES = ({"batch_size": 3, "sequence_length": 5}, {"batch_size": 5, 
 TOLERANCE = {"max_abs_diff": 1e-3, "min_cosine": 0.9999}
 TOP_K = 10
 TOP_K_AGREEMENT = 0.99  # share of held-out users whose top-10 set must be the same as torch's at fp32
+CALIBRATION_USERS = 64  # validation histories whose activation ranges calibrate SmoothQuant (int8-smooth)
 FP16_MIN_COSINE = 0.999  # fp16 graphs: worst user-embedding cosine to torch fp32 (their top-10 is recorded)
 
 
@@ -106,7 +107,8 @@ def export_run(
     partial.mkdir(parents=True)
     try:
         if model == "laser":
-            manifest = _export_laser(run_dir, partial, validate_users, llm, schemes, threads)
+            manifest = _export_laser(run_dir, partial, validate_users, llm, schemes, threads,
+                                     every_scheme=bool(quantize and "int8" in quantize))
         else:
             manifest = _export_sasrec(run_dir, partial, validate_users)
         manifest, held_out = manifest
@@ -157,7 +159,8 @@ def _export_sasrec(run_dir: Path, directory: Path, validate_users: int) -> tuple
 
 
 def _export_laser(
-    run_dir: Path, directory: Path, validate_users: int, llm, schemes: list[str], threads: int
+    run_dir: Path, directory: Path, validate_users: int, llm, schemes: list[str], threads: int, *,
+    every_scheme: bool = False,
 ) -> tuple[dict, tuple]:
     from laser_batch.exporters.parts import (
         MFormerOnnxConfig,
@@ -219,17 +222,33 @@ def _export_laser(
     item_matrix = np.load(directory / ITEM_MATRIX)
     manifest["end_to_end"] = _end_to_end(directory, histories, reference, item_matrix)
     if schemes:
-        from laser_batch.exporters.quantize import QUALITY_BAR, measure, quantize
+        from laser_batch.exporters.quantize import QUALITY_BAR, TORCH_SCHEMES, measure, quantize, quantize_smoothed
+        from laser_batch.exporters.smooth import supports_smoothing
 
         embedder = Embedder(directory, device="cpu", threads=threads, verify=False)  # hashed just now
         variants = graphs["user_encoder"]["variants"] = {}
+        calibration = _sample(*sequences.split("valid"), CALIBRATION_USERS)[0]  # not the measured test histories
         for scheme in schemes:
             started = time.perf_counter()
-            file = quantize(directory, scheme)
+            if scheme in TORCH_SCHEMES and not supports_smoothing(laser.llm.model):
+                if not every_scheme:
+                    raise InputError(f"--quantize {scheme}: needs a Llama-family LLM (q/k/v/o, gate/up/down "
+                                     f"projections, RMSNorm); {laser.llm.model.config.model_type} is not")
+                variants[scheme] = {"skipped": f"not a Llama-family LLM ({laser.llm.model.config.model_type})"}
+                continue
+            if scheme in TORCH_SCHEMES:
+                file = quantize_smoothed(
+                    directory, laser,
+                    lambda model, where: _export_part("user_encoder", UserEncoderPart(model, encoder.config),
+                                                      UserEncoderOnnxConfig, where, inputs=inputs),
+                    lambda model: encode_users(model, torch_inputs, calibration, batch_size=16),
+                    mixed=scheme.endswith("mixed"))
+            else:
+                file = quantize(directory, scheme)
             variants[scheme] = {"file": file, "quantize_seconds": round(time.perf_counter() - started, 2),
                                 **measure(embedder, file, histories, targets, item_matrix)}
             logger.info("%s: %s", scheme, variants[scheme])
-        passing = [s for s, v in variants.items() if v["top10_vs_fp32"]["same_set"] >= QUALITY_BAR]
+        passing = [s for s, v in variants.items() if v.get("top10_vs_fp32", {}).get("same_set", 0) >= QUALITY_BAR]
         graphs["user_encoder"]["recommended_cpu_variant"] = max(
             passing, key=lambda s: variants[s]["speedup_vs_fp32"], default=None)
     return manifest, (histories, reference)

@@ -8,7 +8,12 @@ Schemes (each written as `user_encoder.<scheme>.onnx` and measured against the f
   kept in fp32;
 - `nbits8` / `nbits4`: ONNX Runtime's block-wise weight-only quantisation (`MatMulNBits`, block 32,
   symmetric) with int8 compute (`accuracy_level` 4, AVX-512 VNNI);
-- `nbits4-mixed`: 4-bit weights, the MLP down-projections at 8 bits.
+- `nbits4-mixed`: 4-bit weights, the MLP down-projections at 8 bits;
+- `int8-smooth`: SmoothQuant (exporters/smooth.py) on a copy of the LLM, calibrated on held-out validation
+  histories, exported in fp32 again, then `int8-dynamic`: the activations' outlier channels move into the weights
+  before the per-tensor activation quantisation (Llama-family LLMs only);
+- `int8-smooth-mixed`: the same with the MLP down-projections kept in fp32 (their inputs, act(gate) * up, hold the
+  largest outliers: SmolLM2-135M has channels 3,575x the median in one layer, beyond what smoothing can even out).
 
 Only MatMul layers are quantised: GPT-2's Conv1D layers export as Gemm and stay fp32 (`quantized_layers`
 in the manifest says how many layers a variant really quantised).
@@ -27,7 +32,9 @@ import onnx
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = ("int8-dynamic", "int8-dynamic-mixed", "nbits8", "nbits4", "nbits4-mixed")
+SCHEMES = ("int8-dynamic", "int8-dynamic-mixed", "nbits8", "nbits4", "nbits4-mixed", "int8-smooth",
+           "int8-smooth-mixed")
+TORCH_SCHEMES = ("int8-smooth", "int8-smooth-mixed")  # made from the torch model (`quantize_smoothed`)
 SENSITIVE = ("down_proj", "mlp/c_proj", "mlp/fc2", "dense_4h_to_h")  # MLP output projections, by architecture
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 compute
@@ -41,7 +48,7 @@ def variant_file(scheme: str) -> str:
 def quantize(directory: Path, scheme: str, source: str = "user_encoder.onnx") -> str:
     """Write ARTIFACTS/user_encoder.<scheme>.onnx from the fp32 graph; returns its file name."""
     directory = Path(directory)
-    if scheme not in SCHEMES:
+    if scheme not in SCHEMES or scheme in TORCH_SCHEMES:
         raise ValueError(f"unknown quantisation scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
     target = directory / variant_file(scheme)
     external = (directory / f"{source}_data").exists()
@@ -50,6 +57,28 @@ def quantize(directory: Path, scheme: str, source: str = "user_encoder.onnx") ->
     else:
         bits = 8 if scheme == "nbits8" else 4
         _nbits(directory / source, target, bits, mixed=scheme.endswith("mixed"), external=external)
+    return target.name
+
+
+def quantize_smoothed(directory: Path, laser, export_encoder, calibrate, *, mixed: bool = False) -> str:
+    """Write ARTIFACTS/user_encoder.int8-smooth[-mixed].onnx; returns its file name.
+
+    `export_encoder(laser, directory)` writes directory/user_encoder.onnx from a Laser model; `calibrate(laser)`
+    runs that model's user path on the calibration histories. `laser` itself is not changed.
+    """
+    import copy
+
+    from laser_batch.exporters.smooth import activation_ranges, smooth
+
+    directory = Path(directory)
+    smoothed = copy.deepcopy(laser)
+    ranges = activation_ranges(smoothed.llm.model, lambda: calibrate(smoothed))
+    smooth(smoothed.llm.model, ranges)
+    target = directory / variant_file("int8-smooth-mixed" if mixed else "int8-smooth")
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        export_encoder(smoothed, Path(tmp))
+        external = (Path(tmp) / "user_encoder.onnx_data").exists()
+        _dynamic_int8(Path(tmp), "user_encoder.onnx", target, mixed=mixed, external=external)
     return target.name
 
 

@@ -164,9 +164,10 @@ def test_sasrec_only_run_exports_a_sasrec_artefact_set(laser_run, tmp_path):
 
 def test_quantised_variant_is_measured_against_fp32(laser_run, tmp_path):
     run, architecture = laser_run
-    manifest = export_run(run, tmp_path / "art", quantize=["nbits8", "int8-dynamic"], llm=_llm(architecture))
+    schemes = ["nbits8", "int8-dynamic", *(["int8-smooth", "int8-smooth-mixed"] if architecture == "llama" else [])]
+    manifest = export_run(run, tmp_path / "art", quantize=schemes, llm=_llm(architecture))
     variants = manifest["graphs"]["user_encoder"]["variants"]
-    assert set(variants) == {"nbits8", "int8-dynamic"}
+    assert set(variants) == set(schemes)
     for scheme, record in variants.items():
         assert record["file"] == f"user_encoder.{scheme}.onnx" and record["file"] in manifest["files"]
         assert 0 <= record["top10_vs_fp32"]["same_set"] <= 1 and record["speedup_vs_fp32"] > 0
@@ -184,6 +185,15 @@ def test_quantised_variant_is_measured_against_fp32(laser_run, tmp_path):
     histories = [np.array([1, 2, 3]), np.array([4, 5])]
     cosine = (fp32.embed(histories) * int8.embed(histories)).sum(1)
     assert (cosine > 0.99).all()
+    if architecture == "llama":  # SmoothQuant's graph: dynamic int8 of all 7 linear layers per decoder layer
+        smooth_ops = [n.op_type for n in onnx.load(str(tmp_path / "art" / "user_encoder.int8-smooth.onnx")).graph.node]
+        assert variants["int8-smooth"]["quantized_layers"] == 7 * 2 == smooth_ops.count("DynamicQuantizeMatMul") + \
+            smooth_ops.count("MatMulInteger")
+        assert variants["int8-smooth-mixed"]["quantized_layers"] == 6 * 2  # down_proj in fp32
+    else:
+        with pytest.raises(InputError, match="int8-smooth: needs a Llama-family LLM"):
+            export_run(run, tmp_path / "x", quantize=["int8-smooth"], llm=_llm(architecture))
+        assert not (tmp_path / "x").exists()
     with pytest.raises(InputError, match="choose int8"):
         export_run(run, tmp_path / "x", quantize=["int3"])
 
