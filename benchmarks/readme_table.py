@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- sasrec-table:begin -->", "<!-- sasrec-table:end -->"
 # each between <!-- NAME-table:begin --> and <!-- NAME-table:end -->
-TABLES = ("sasrec", "laser", "laser-proxy", "export", "score-ray")
+TABLES = ("sasrec", "laser", "laser-proxy", "export", "score", "score-ray")
 LASER_ROWS = (("popularity", "popularity"), ("sasrec", "SASRec alone (frozen ID model)"), ("laser", "**Laser**"),
               ("laser_no_prefix", "Laser, no prefix"), ("laser_no_moe", "Laser, no MoE (K = 1)"))
 DATASETS = ("Beauty", "Sports_and_Outdoors", "LastFM")
@@ -101,14 +101,17 @@ def export_table(results_dir: Path) -> str:
         return "(no results yet: run python benchmarks/export_smollm2.py)"
     r = json.loads(path.read_text())
     e2e = r["fp32"]["end_to_end"]
-    rows = ["| user encoder | MB | top-10 same as torch/fp32 | emb. cosine mean / worst | Recall@10 change "
-            "| speed vs ORT fp32 |", "|---|---|---|---|---|---|",
+    rows = ["| user encoder | MB | top-10 same set as torch/fp32 | mean top-10 overlap | emb. cosine mean / worst "
+            "| Recall@10 change | speed vs ORT fp32 |", "|---|---|---|---|---|---|---|",
             f"| fp32 (vs torch) | {r['files']['user_encoder.onnx'] / 1e6:.0f} | {e2e['top10']['same_set']:.1%} "
-            f"| {e2e['mean_cosine']:.5f} / {e2e['min_cosine']:.5f} | | 1.00x |"]
+            f"| {e2e['top10']['mean_overlap']:.1%} | {e2e['mean_cosine']:.5f} / {e2e['min_cosine']:.5f} | | 1.00x |"]
     for scheme, v in r["int8"].items():
+        if "skipped" in v:
+            rows.append(f"| {scheme} | skipped: {v['skipped']} | | | | | |")
+            continue
         rows.append(f"| {scheme} | {v['bytes'] / 1e6:.0f} | {v['top10_vs_fp32']['same_set']:.1%} "
-                    f"| {v['mean_cosine']:.4f} / {v['min_cosine']:.4f} | {v['recall@10_change']:+.4f} "
-                    f"| {v['speedup_vs_fp32']:.2f}x |")
+                    f"| {v['top10_vs_fp32']['mean_overlap']:.1%} | {v['mean_cosine']:.4f} / {v['min_cosine']:.4f} "
+                    f"| {v['recall@10_change']:+.4f} | {v['speedup_vs_fp32']:.2f}x |")
     return "\n".join(rows) + (f"\nSmolLM2-135M Laser run of the ML-100K benchmark, {e2e['users']} held-out users; "
                               f"export took {r['export_seconds']:.0f} s; recommended CPU variant: "
                               f"{r['recommended_cpu_variant']}; measured on {r['machine']['cpu']}, "
@@ -140,6 +143,41 @@ def score_ray_table(results_dir: Path) -> str:
                               f"{r['contention']}.")
 
 
+def score_table(results_dir: Path) -> str:
+    """Our ONNX Runtime scorer vs PyTorch scorers, and the scaling runs (benchmarks/score_throughput.py)."""
+    path = results_dir / "score_throughput.json"
+    if not path.exists():
+        return "(no results yet: run python benchmarks/score_throughput.py)"
+    r = json.loads(path.read_text())
+    machines = r.get("machines", {})
+    rows = ["| model | scorer | users/s | top-10 same set as torch fp32 |", "|---|---|---|---|"]
+    for model in ("smollm2", "tiny"):
+        m = r.get(model)
+        if not m:
+            continue
+        label = "SmolLM2-135M Laser" if model == "smollm2" else "tiny Laser"
+        compiled = m.get("torch_compile_bf16_users_per_s")
+        rows += [f"| {label} | torch eager fp32 | {m['torch_fp32_users_per_s']:.2f} | (reference) |",
+                 f"| {label} | torch eager bf16 weights | {m['torch_bf16_users_per_s']:.2f} "
+                 f"| {m['torch_bf16_top10_agreement']:.1%} |",
+                 f"| {label} | torch.compile bf16 | {compiled:.2f} | |" if compiled is not None else
+                 f"| {label} | torch.compile bf16 | failed: {m.get('torch_compile_error', '')} | |"]
+        rows += [f"| {label} | ORT {v['variant']} | {v['users_per_s']:.2f} | {v['top10_agreement']:.1%} |"
+                 for v in m["ort"]]
+    notes = [f"{model}: {m['users']} held-out users in length-sorted batches of {m['batch_size']}, padding "
+             f"efficiency {m['padding_efficiency']:.3f}, measured on {machines.get(model, r['machine'])['cpu']}"
+             for model, m in ((k, r.get(k)) for k in ("smollm2", "tiny")) if m]
+    scaling = r.get("scaling", [])
+    if scaling:
+        rows += ["", "| synthetic users (tiny Laser) | max batch tokens | users/s | peak RSS (MB) |",
+                 "|---|---|---|---|"]
+        rows += [f"| {s['users']:,} | {s['max_batch_tokens']:,} | {s['users_per_s']:.1f} | {s['peak_rss_mb']:.0f} |"
+                 for s in scaling]
+        notes.append(f"scaling: `laser-batch score` in a fresh process per row, measured on "
+                     f"{machines.get('scaling', r['machine'])['cpu']}")
+    return "\n".join(rows) + "\n" + "; ".join(notes) + "."
+
+
 def render(readme: str, table: str, name: str = "sasrec") -> str:
     begin, end = f"<!-- {name}-table:begin -->", f"<!-- {name}-table:end -->"
     if begin not in readme:
@@ -158,7 +196,7 @@ def main() -> None:
     results = ROOT / "benchmarks" / "results"
     updated = readme
     for name, make in (("sasrec", sasrec_table), ("laser", laser_table), ("laser-proxy", laser_proxy_table),
-                       ("export", export_table), ("score-ray", score_ray_table)):
+                       ("export", export_table), ("score", score_table), ("score-ray", score_ray_table)):
         updated = render(updated, make(results), name)
     if args.check:
         sys.exit(0 if updated == readme else 1)

@@ -109,7 +109,8 @@ def compare(run: Path, artifacts: Path, users: int, threads: int, batch_size: in
         out["torch_compile_error"] = str(e).splitlines()[0][:300]
     reference_top = _top10(reference, item_matrix)
     out["ort"] = []
-    variants = ["", *manifest["graphs"]["user_encoder"].get("variants", {})]
+    variants = ["", *(name for name, v in manifest["graphs"]["user_encoder"].get("variants", {}).items()
+                      if "file" in v)]  # not the schemes skipped for this LLM
     for variant in variants:
         ort = Embedder(artifacts, device="cpu", threads=threads, variant=variant, verify=False)
         got, speed = timed(ort.embed)
@@ -191,6 +192,7 @@ def main() -> None:
 
     command = record["command"]
     commands = record.setdefault("commands", {})  # which run wrote each section (runs may do only some)
+    machines = record.setdefault("machines", {})  # and on which machine
 
     def save() -> None:  # after every section, so a long run keeps what it measured
         args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +202,7 @@ def main() -> None:
         record["smollm2"] = compare(args.run, args.artifacts, args.users, args.threads, args.batch_size)
         logging.info("smollm2 %s", record["smollm2"])
         commands["smollm2"] = command
+        machines["smollm2"] = record["machine"]
         save()
     tiny_work = WORK / "score_tiny"
     if "tiny" not in args.skip or "scaling" not in args.skip:
@@ -208,10 +211,12 @@ def main() -> None:
         record["tiny"] = compare(run, artifacts, args.users, args.threads, args.batch_size)
         logging.info("tiny %s", record["tiny"])
         commands["tiny"] = command
+        machines["tiny"] = record["machine"]
         save()
     if "scaling" not in args.skip:
         record["scaling"] = []
         commands["scaling"] = command
+        machines["scaling"] = record["machine"]
         for size in args.scaling:
             for budget in args.max_batch_tokens:
                 record["scaling"] += scaling(artifacts, tiny_work, [size], args.threads, budget)
