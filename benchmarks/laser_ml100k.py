@@ -91,6 +91,8 @@ def main() -> None:
                 "seconds_per_epoch": round(result.seconds_per_epoch, 1),
                 "trainable_parameters": result.trainable_parameters,
                 "best": [result.best_stage, result.best_epoch], "wall_seconds": round(time.perf_counter() - started),
+                "llm_dtype": json.loads((result.checkpoint / "config.json").read_text())["llm"]["dtype"],
+                "epochs": [json.loads(line) for line in (result.checkpoint / "metrics.jsonl").read_text().splitlines()],
             }
             if model == "laser":
                 record["seconds_per_epoch"] = round(result.seconds_per_epoch, 1)

@@ -69,7 +69,8 @@ def laser_table(results_dir: Path) -> str:
         rows.append(f"| {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | {_fmt(m, 'MRR')} "
                     f"| {run.get('seconds_per_epoch', '')} | {run.get('trainable_parameters', '')} |")
     llm = Path(r["config"]["llm"]["source"]).name
-    return "\n".join(rows) + (f"\nMovieLens-100K, test split, full ranking; LLM {llm} ({r['config']['llm']['dtype']});"
+    return "\n".join(rows) + (f"\nMovieLens-100K, test split, full ranking; LLM {llm} "
+                              f"({r.get('runs', {}).get('laser', {}).get('llm_dtype', r['config']['llm']['dtype'])});"
                               f" measured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
 
 
