@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -222,32 +223,32 @@ def _export_laser(
     item_matrix = np.load(directory / ITEM_MATRIX)
     manifest["end_to_end"] = _end_to_end(directory, histories, reference, item_matrix)
     if schemes:
-        from laser_batch.exporters.quantize import QUALITY_BAR, TORCH_SCHEMES, measure, quantize, quantize_smoothed
+        from laser_batch.exporters.quantize import QUALITY_BAR, TORCH_SCHEMES, measure, quantize, smooth_encoder
         from laser_batch.exporters.smooth import supports_smoothing
 
         embedder = Embedder(directory, device="cpu", threads=threads, verify=False)  # hashed just now
         variants = graphs["user_encoder"]["variants"] = {}
         calibration = _sample(*sequences.split("valid"), CALIBRATION_USERS)[0]  # not the measured test histories
-        for scheme in schemes:
-            started = time.perf_counter()
-            if scheme in TORCH_SCHEMES and not supports_smoothing(laser.llm.model):
-                if not every_scheme:
-                    raise InputError(f"--quantize {scheme}: needs a Llama-family LLM (q/k/v/o, gate/up/down "
-                                     f"projections, RMSNorm); {laser.llm.model.config.model_type} is not")
-                variants[scheme] = {"skipped": f"not a Llama-family LLM ({laser.llm.model.config.model_type})"}
-                continue
-            if scheme in TORCH_SCHEMES:
-                file = quantize_smoothed(
-                    directory, laser,
-                    lambda model, where: _export_part("user_encoder", UserEncoderPart(model, encoder.config),
-                                                      UserEncoderOnnxConfig, where, inputs=inputs),
-                    lambda model: encode_users(model, torch_inputs, calibration, batch_size=16),
-                    mixed=scheme.endswith("mixed"))
-            else:
-                file = quantize(directory, scheme)
-            variants[scheme] = {"file": file, "quantize_seconds": round(time.perf_counter() - started, 2),
-                                **measure(embedder, file, histories, targets, item_matrix)}
-            logger.info("%s: %s", scheme, variants[scheme])
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:  # gone before the manifest lists the files
+            smoothed = None  # the SmoothQuant fp32 graph, made once for every TORCH_SCHEMES variant
+            for scheme in schemes:
+                started = time.perf_counter()
+                if scheme in TORCH_SCHEMES and not supports_smoothing(laser.llm.model):
+                    if not every_scheme:
+                        raise InputError(f"--quantize {scheme}: needs a Llama-family LLM (q/k/v/o, gate/up/down "
+                                         f"projections, RMSNorm); {laser.llm.model.config.model_type} is not")
+                    variants[scheme] = {"skipped": f"not a Llama-family LLM ({laser.llm.model.config.model_type})"}
+                    continue
+                if scheme in TORCH_SCHEMES and smoothed is None:
+                    smoothed = smooth_encoder(
+                        Path(scratch), laser,
+                        lambda model, where: _export_part("user_encoder", UserEncoderPart(model, encoder.config),
+                                                          UserEncoderOnnxConfig, where, inputs=inputs),
+                        lambda model: encode_users(model, torch_inputs, calibration, batch_size=16))
+                file = quantize(directory, scheme, smoothed=smoothed)
+                variants[scheme] = {"file": file, "quantize_seconds": round(time.perf_counter() - started, 2),
+                                    **measure(embedder, file, histories, targets, item_matrix)}
+                logger.info("%s: %s", scheme, variants[scheme])
         passing = [s for s, v in variants.items() if v.get("top10_vs_fp32", {}).get("same_set", 0) >= QUALITY_BAR]
         graphs["user_encoder"]["recommended_cpu_variant"] = max(
             passing, key=lambda s: variants[s]["speedup_vs_fp32"], default=None)

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMES = ("int8-dynamic", "int8-dynamic-mixed", "nbits8", "nbits4", "nbits4-mixed", "int8-smooth",
            "int8-smooth-mixed")
-TORCH_SCHEMES = ("int8-smooth", "int8-smooth-mixed")  # made from the torch model (`quantize_smoothed`)
+TORCH_SCHEMES = ("int8-smooth", "int8-smooth-mixed")  # from the torch model, through `smooth_encoder`
 SENSITIVE = ("down_proj", "mlp/c_proj", "mlp/fc2", "dense_4h_to_h")  # MLP output projections, by architecture
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 compute
@@ -45,41 +45,45 @@ def variant_file(scheme: str) -> str:
     return f"user_encoder.{scheme}.onnx"
 
 
-def quantize(directory: Path, scheme: str, source: str = "user_encoder.onnx") -> str:
-    """Write ARTIFACTS/user_encoder.<scheme>.onnx from the fp32 graph; returns its file name."""
+def quantize(directory: Path, scheme: str, source: str = "user_encoder.onnx", *, smoothed: Path | None = None) -> str:
+    """Write ARTIFACTS/user_encoder.<scheme>.onnx from the fp32 graph; returns its file name.
+
+    The `TORCH_SCHEMES` start from `smoothed`/user_encoder.onnx instead, the graph `smooth_encoder` writes.
+    """
     directory = Path(directory)
-    if scheme not in SCHEMES or scheme in TORCH_SCHEMES:
+    if scheme not in SCHEMES:
         raise ValueError(f"unknown quantisation scheme {scheme!r}; choose from {', '.join(SCHEMES)}")
+    origin = directory
+    if scheme in TORCH_SCHEMES:
+        if smoothed is None:
+            raise ValueError(f"{scheme} starts from the SmoothQuant graph: pass smoothed= (smooth_encoder)")
+        origin, source = Path(smoothed), "user_encoder.onnx"
     target = directory / variant_file(scheme)
-    external = (directory / f"{source}_data").exists()
-    if scheme.startswith("int8-dynamic"):
-        _dynamic_int8(directory, source, target, mixed=scheme.endswith("mixed"), external=external)
+    external = (origin / f"{source}_data").exists()
+    if scheme.startswith(("int8-dynamic", "int8-smooth")):
+        _dynamic_int8(origin, source, target, mixed=scheme.endswith("mixed"), external=external)
     else:
         bits = 8 if scheme == "nbits8" else 4
-        _nbits(directory / source, target, bits, mixed=scheme.endswith("mixed"), external=external)
+        _nbits(origin / source, target, bits, mixed=scheme.endswith("mixed"), external=external)
     return target.name
 
 
-def quantize_smoothed(directory: Path, laser, export_encoder, calibrate, *, mixed: bool = False) -> str:
-    """Write ARTIFACTS/user_encoder.int8-smooth[-mixed].onnx; returns its file name.
+def smooth_encoder(scratch: Path, laser, export_encoder, calibrate) -> Path:
+    """Write scratch/user_encoder.onnx, the fp32 graph of a SmoothQuant-rescaled copy of the LLM; returns `scratch`.
 
     `export_encoder(laser, directory)` writes directory/user_encoder.onnx from a Laser model; `calibrate(laser)`
-    runs that model's user path on the calibration histories. `laser` itself is not changed.
+    runs that model's user path on the calibration histories. `laser` itself is not changed. Every
+    `TORCH_SCHEMES` variant quantises this one graph.
     """
     import copy
 
     from laser_batch.exporters.smooth import activation_ranges, smooth
 
-    directory = Path(directory)
     smoothed = copy.deepcopy(laser)
     ranges = activation_ranges(smoothed.llm.model, lambda: calibrate(smoothed))
     smooth(smoothed.llm.model, ranges)
-    target = directory / variant_file("int8-smooth-mixed" if mixed else "int8-smooth")
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        export_encoder(smoothed, Path(tmp))
-        external = (Path(tmp) / "user_encoder.onnx_data").exists()
-        _dynamic_int8(Path(tmp), "user_encoder.onnx", target, mixed=mixed, external=external)
-    return target.name
+    export_encoder(smoothed, Path(scratch))
+    return Path(scratch)
 
 
 def weight_matmuls(model: onnx.ModelProto) -> list[str]:

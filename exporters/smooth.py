@@ -79,7 +79,11 @@ def activation_ranges(model: nn.Module, run: Callable[[], None]) -> dict[str, to
 
 
 def _factor(act: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    weight = torch.stack([w.abs().float().amax(0) for w in weights]).amax(0)  # per input channel
+    """s per input channel of linear layers reading the same input: max|X|^alpha / max|W|^(1 - alpha)."""
+    return _ratio(act, torch.stack([w.abs().float().amax(0) for w in weights]).amax(0), alpha)
+
+
+def _ratio(act: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     return (act.clamp(min=EPS).pow(alpha) / weight.clamp(min=EPS).pow(1 - alpha)).clamp(min=EPS)
 
 
@@ -101,7 +105,7 @@ def smooth(model: nn.Module, ranges: dict[str, torch.Tensor], alpha: float = ALP
         # o_proj: one factor per value channel, shared by the query heads that read that key/value head
         act = ranges[f"{i}.self_attn.o_proj"].view(kv_heads, heads // kv_heads, head_dim).amax(1)
         weight = attn.o_proj.weight.abs().float().view(-1, kv_heads, heads // kv_heads, head_dim).amax(0).amax(1)
-        s = (act.clamp(min=EPS).pow(alpha) / weight.clamp(min=EPS).pow(1 - alpha)).clamp(min=EPS)  # (kv, head_dim)
+        s = _ratio(act, weight, alpha)  # (kv, head_dim)
         _scale_rows(attn.v_proj, 1 / s.reshape(-1))
         attn.o_proj.weight.mul_(s[:, None, :].expand(kv_heads, heads // kv_heads, head_dim).reshape(-1)
                                 .to(attn.o_proj.weight.dtype))
