@@ -16,6 +16,8 @@ only when `--engine ray` is asked for.
   attempt that died is not in the returned list and is deleted at commit, so a retried batch never doubles.
 - Nothing in OUT counts until `_SUCCESS`: it is removed when a job starts and written after the commit.
   A failed or interrupted job is rerun from its start with `--resume` (Ray Data keeps no partial results).
+- `--interactions`: the rows are grouped into users on the driver (Polars, streaming; the local engine's
+  grouping) into the attempt's staging directory, and that file is the job's input.
 """
 
 from __future__ import annotations
@@ -221,9 +223,6 @@ def score_ray(
     """
     ray, _ = _import_ray()
     started = time.perf_counter()
-    if interactions:
-        raise InputError("--interactions is not supported with --engine ray: group the rows into user_id, history "
-                         "first (or use --engine local)")
     if resume and overwrite:
         raise InputError("--resume and --overwrite exclude each other")
     for option, value in (("--chunk-size", chunk_size), ("--top-k", top_k), ("--batch-size", batch_size)):
@@ -236,12 +235,16 @@ def score_ray(
     from laser_batch.artifacts import load_manifest
 
     load_manifest(model)  # a missing file or a failing checksum stops here, before Ray starts
-    check_users_schema(users, pl.read_parquet_schema(model / ITEM_IDS)["item_id"])
-    rows, dups = _duplicates(in_fs, files)
+    check_users_schema(users, pl.read_parquet_schema(model / ITEM_IDS)["item_id"], interactions=interactions)
+    if interactions:  # grouped into users below, once OUT is prepared
+        rows, dups = _row_count(in_fs, files), pl.DataFrame()
+    else:
+        rows, dups = _duplicates(in_fs, files)
     if rows == 0:
         raise InputError(f"{users}: no rows, nothing to score")
     out_fs, root = filesystem(str(out))
     job = {"engine": "ray", "input": [in_fs.get_file_info(f).size for f in files], "files": files,
+           "interactions": interactions,
            "manifest_sha256": manifest_sha256(model), "top_k": top_k,
            "include_history": include_history, "variant": variant, "chunk_size": chunk_size}
     _prepare_out(out_fs, root, str(out), job, resume=resume, overwrite=overwrite)
@@ -264,6 +267,9 @@ def score_ray(
     staging = f"{root}/{attempt}"  # on out_fs; the actors open it from its location
     out_fs.create_dir(staging)
     staging_location = f"{str(out).rstrip('/')}/{attempt}" if "://" in str(out) else staging
+    if interactions:  # one users file in the staging directory, which every worker reads; its ids are unique
+        in_fs, files = out_fs, [_group_interactions(in_fs, files, out_fs, f"{staging}/users.parquet")]
+        rows = _row_count(in_fs, files)
     drop = dups["user_id"].unique() if dups.height else None
     location = str(artifacts) if "://" in str(artifacts) else str(model.resolve())
     logger.info("scoring %d users on Ray (%d worker(s), %g GPU(s) each, cluster %s)", rows, workers,
@@ -294,6 +300,32 @@ def score_ray(
     return _commit(out_fs, root, staging, results, rows, started, model=str(artifacts), top_k=top_k,
                    kind=_kind(model), manifest_sha256=job["manifest_sha256"], workers=workers,
                    gpus_per_worker=gpus_per_worker)
+
+
+def _group_interactions(in_fs, files: list[str], out_fs, target: str) -> str:
+    """user_id, item_id, timestamp rows -> `target` on out_fs (user_id, history oldest first), grouped on the driver.
+
+    The local engine's grouping (`score._grouped_interactions`: ties in time keep the input order), so both engines
+    score the same histories (Polars streams local files; other filesystems go through a pyarrow dataset)."""
+    import pyarrow.dataset as ds
+    import pyarrow.fs as pafs
+
+    from laser_batch.score import grouped_interactions
+
+    local_fs = isinstance(in_fs, pafs.LocalFileSystem)
+    rows = pl.scan_parquet(files) if local_fs else pl.scan_pyarrow_dataset(ds.dataset(files, filesystem=in_fs))
+    with tempfile.TemporaryDirectory(prefix="laser-batch-group-") as tmp:
+        local = Path(tmp) / "users.parquet"
+        grouped_interactions(rows, local)
+        with local.open("rb") as src, out_fs.open_output_stream(target) as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    return target
+
+
+def _row_count(fs, files: list[str]) -> int:
+    import pyarrow.parquet as pq
+
+    return int(sum(pq.ParquetFile(path, filesystem=fs).metadata.num_rows for path in files))
 
 
 def _connect(ray, address: str | None) -> None:

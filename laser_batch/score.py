@@ -310,13 +310,17 @@ def _grouped_interactions(files: list[Path], out: Path) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(exist_ok=True)
-    lazy = pl.scan_parquet(files).with_row_index("_order")
-    grouped = (lazy.sort("user_id", "timestamp", "_order", nulls_last=True)
+    grouped_interactions(pl.scan_parquet(files), target)
+    return target
+
+
+def grouped_interactions(rows: pl.LazyFrame, target: Path) -> None:
+    """Interaction rows -> `target` (written atomically): user_id, history oldest first, ties in time in input order."""
+    grouped = (rows.with_row_index("_order").sort("user_id", "timestamp", "_order", nulls_last=True)
                .group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("history")))
     tmp = target.with_name(f".{target.name}.tmp")
     grouped.sink_parquet(tmp)
     tmp.replace(target)
-    return target
 
 
 def _seen_before(source: list[Path], rows: int) -> np.ndarray:

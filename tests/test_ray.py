@@ -119,6 +119,29 @@ def test_a_failed_job_never_looks_finished_and_rerunning_completes_it(artifacts,
     _assert_same_result(out, local_out)
 
 
+def test_interactions_are_grouped_as_the_local_engine_groups_them(artifacts, ray_cluster, tmp_path):  # noqa: F811
+    from laser_batch.ray_engine import score_ray
+
+    inter = pl.read_parquet(artifacts / "data" / "interactions.parquet").sample(fraction=1.0, shuffle=True, seed=3)
+    inter = pl.concat([inter, pl.DataFrame({"user_id": [None], "item_id": [inter["item_id"][0]],
+                                            "timestamp": [inter["timestamp"][0]]}, schema=inter.schema)])
+    (tmp_path / "in").mkdir()
+    for k in range(3):  # a user's rows are spread over the files
+        inter.gather_every(3, offset=k).write_parquet(tmp_path / "in" / f"part-{k}.parquet")
+    score_users(tmp_path / "in", artifacts / "laser_art", tmp_path / "local", top_k=5, chunk_size=16,
+                interactions=True)
+    summary = score_ray(str(tmp_path / "in"), str(artifacts / "laser_art"), str(tmp_path / "ray"), top_k=5,
+                        chunk_size=16, workers=1, interactions=True)
+    _assert_same_result(tmp_path / "ray", tmp_path / "local")
+    assert summary["users_in"] == inter["user_id"].n_unique() and summary["users_rejected"]["null user_id"] == 1
+    # A histories file is not interactions: the schema check names the missing column before any Ray work.
+    _users(artifacts).write_parquet(tmp_path / "users.parquet")
+    with pytest.raises(InputError, match="missing column"):
+        score_ray(str(tmp_path / "users.parquet"), str(artifacts / "laser_art"), str(tmp_path / "bad"),
+                  interactions=True)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_cli_engine_ray_and_its_errors(artifacts, users_dir, local_out, ray_cluster, tmp_path):  # noqa: F811
     model = str(artifacts / "laser_art")
     base = ["score", str(users_dir / "dir"), "--model", model, "--top-k", "5", "--chunk-size", "16"]
