@@ -27,7 +27,8 @@ from laser_batch.evaluate import evaluate_run
 from laser_batch.train_laser import train_laser
 
 HERE = Path(__file__).resolve().parent
-COMMON = {"llm": {"source": "tiny", "dtype": "float32"}, "laser": {"stage1_epochs": 4, "stage2_epochs": 0}}
+COMMON = {"llm": {"source": "tiny", "dtype": "float32"}, "laser": {"stage1_epochs": 4, "stage2_epochs": 0},
+          "mformer": {"id_window": 10}}  # the setting of every recorded variant (the benchmark config now has 1)
 VARIANTS = {  # name -> [laser] changes on top of COMMON and the benchmark config
     "lr1e-3_center": {"lr": 1e-3, "center": True},
     "lr1e-4_center": {"lr": 1e-4, "center": True},
@@ -63,7 +64,8 @@ def main() -> None:
             continue
         run = args.work / "tiny_proxy" / name
         shutil.copytree(base, run, dirs_exist_ok=True)
-        config = load_config(args.config, llm=COMMON["llm"], laser={**COMMON["laser"], **VARIANTS[name]})
+        config = load_config(args.config, llm=COMMON["llm"], laser={**COMMON["laser"], **VARIANTS[name]},
+                             mformer=COMMON["mformer"])
         started = time.perf_counter()
         result = train_laser(run, config, overwrite=True)
         metrics = evaluate_run(run, model="laser")["metrics"]

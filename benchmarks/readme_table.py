@@ -14,7 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- sasrec-table:begin -->", "<!-- sasrec-table:end -->"
 # each between <!-- NAME-table:begin --> and <!-- NAME-table:end -->
-TABLES = ("sasrec", "laser", "laser-proxy", "export", "score", "score-ray")
+TABLES = ("sasrec", "laser", "laser-proxy", "laser-bypass", "export", "score", "score-ray")
 LASER_ROWS = (("popularity", "popularity"), ("sasrec", "SASRec alone (frozen ID model)"), ("laser", "**Laser**"),
               ("laser_no_prefix", "Laser, no prefix"), ("laser_no_moe", "Laser, no MoE (K = 1)"))
 DATASETS = ("Beauty", "Sports_and_Outdoors", "LastFM")
@@ -94,6 +94,26 @@ def laser_proxy_table(results_dir: Path) -> str:
     return "\n".join(rows) + (f"\nEmbedded tiny LLM (float32), 4 epochs of stage 1, otherwise the ML-100K benchmark "
                               f"configuration; uniform-guess loss {ln_n}; validation on 300 users; "
                               f"{r['machine']['torch_threads']} threads.")
+
+
+def laser_bypass_table(results_dir: Path) -> str:
+    """Laser's collaborative path with the LLM taken out (benchmarks/laser_bypass_llm.py): test metrics per variant."""
+    path = results_dir / "laser_bypass_llm.json"
+    if not path.exists():
+        return "(no results yet: run python benchmarks/laser_bypass_llm.py)"
+    r = json.loads(path.read_text())
+    rows = ["| variant | test HR@10 | NDCG@10 | MRR | changes | seconds |", "|---|---|---|---|---|---|"]
+    for key, label in (("popularity", "popularity"), ("sasrec", "SASRec alone"),
+                       ("sasrec_cosine", "SASRec alone, scored by cosine")):
+        m = r["reference"][key]
+        rows.append(f"| {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | {_fmt(m, 'MRR')} | | |")
+    for name, v in r["variants"].items():
+        changes = ", ".join(f"{k} {json.dumps(c)}" for k, c in v["changes"].items()) or "none"
+        rows.append(f"| {name} | {_fmt(v['test'], 'HR@10')} | {_fmt(v['test'], 'NDCG@10')} | {_fmt(v['test'], 'MRR')} "
+                    f"| {changes} | {v['seconds']} |")
+    return "\n".join(rows) + (f"\nEmbedding = mean of the M-Former prefix (no LLM), 4 epochs of stage 1 unless "
+                              f"changed, otherwise the ML-100K benchmark configuration with id_window 10; "
+                              f"measured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
 
 
 def export_table(results_dir: Path) -> str:
@@ -197,7 +217,8 @@ def main() -> None:
     results = ROOT / "benchmarks" / "results"
     updated = readme
     for name, make in (("sasrec", sasrec_table), ("laser", laser_table), ("laser-proxy", laser_proxy_table),
-                       ("export", export_table), ("score", score_table), ("score-ray", score_ray_table)):
+                       ("laser-bypass", laser_bypass_table), ("export", export_table), ("score", score_table),
+                       ("score-ray", score_ray_table)):
         updated = render(updated, make(results), name)
     if args.check:
         sys.exit(0 if updated == readme else 1)

@@ -58,13 +58,14 @@ def input_files(path: Path) -> list[Path]:
 
 
 def check_users_schema(location: str | Path, item_dtype: pl.DataType | None = None, *,
-                       interactions: bool = False) -> dict:
+                       interactions: bool = False, listed: tuple | None = None) -> dict:
     """Check INPUT's columns and types from its Parquet schemas (no data read); returns the schema.
 
     Every file of a directory must have the same schema; an error names the first file that does not. With
-    `item_dtype` (the model's item-id type), integer and string item ids must not be mixed.
+    `item_dtype` (the model's item-id type), integer and string item ids must not be mixed. `listed`: INPUT's
+    `list_input` result when the caller has it already (an object store is then not listed again).
     """
-    fs, files = list_input(location)
+    fs, files = listed if listed is not None else list_input(location)
     first = _file_schema(fs, files[0], item_dtype, interactions=interactions)
     for file in files[1:]:
         schema = _file_schema(fs, file, item_dtype, interactions=interactions)

@@ -235,7 +235,8 @@ def score_ray(
     from laser_batch.artifacts import load_manifest
 
     load_manifest(model)  # a missing file or a failing checksum stops here, before Ray starts
-    check_users_schema(users, pl.read_parquet_schema(model / ITEM_IDS)["item_id"], interactions=interactions)
+    check_users_schema(users, pl.read_parquet_schema(model / ITEM_IDS)["item_id"], interactions=interactions,
+                       listed=(in_fs, files))
     if interactions:  # grouped into users below, once OUT is prepared
         rows, dups = _row_count(in_fs, files), pl.DataFrame()
     else:
