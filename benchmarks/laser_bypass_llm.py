@@ -14,11 +14,8 @@ Resumable: each finished variant is stored in benchmarks/results/laser_bypass_ll
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from laser_ml100k import METRICS, save
-from sasrec_s3rec import machine
+from laser_tiny_proxy import start
 
 from laser_batch import model as laser_model
 from laser_batch.checkpoint import load_sasrec
@@ -112,22 +109,9 @@ def sasrec_cosine(base: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", action="append", choices=list(VARIANTS))
-    parser.add_argument("--work", type=Path, default=HERE / "work" / "ml100k")
-    parser.add_argument("--config", type=Path, default=HERE / "configs" / "laser_ml100k.toml")
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "laser_bypass_llm.json")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    args, base, record = start(__doc__, VARIANTS, "laser_bypass_llm.json", COMMON)
     torch.set_num_threads(2)
-    base = args.work / "run"
-    if not (base / "sasrec" / "config.json").exists():
-        sys.exit(f"{base}/sasrec: missing; run benchmarks/laser_ml100k.py --model sasrec first")
-    record = json.loads(args.results.read_text()) if args.results.exists() else {"variants": {}}
-    record.update(common=COMMON, machine=machine(), command=" ".join([Path(sys.executable).name, *sys.argv]))
-    if "reference" not in record:
-        record["reference"] = {m: {k: evaluate_run(base, model=m)["metrics"][k] for k in METRICS}
-                               for m in ("popularity", "sasrec")}
+    if "sasrec_cosine" not in record["reference"]:
         record["reference"]["sasrec_cosine"] = {k: v for k, v in sasrec_cosine(base).items() if k in METRICS}
     laser_model.Laser.encode = bypass_llm
     for name in args.variant or list(VARIANTS):

@@ -42,22 +42,28 @@ VARIANTS = {  # name -> [laser] changes on top of COMMON and the benchmark confi
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", action="append", choices=list(VARIANTS))
+def start(doc: str, variants: dict, results_name: str, common: dict):
+    """The variant benchmarks' common start: (args, base run dir, record with popularity and SASRec references)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--variant", action="append", choices=list(variants))
     parser.add_argument("--work", type=Path, default=HERE / "work" / "ml100k")
     parser.add_argument("--config", type=Path, default=HERE / "configs" / "laser_ml100k.toml")
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "laser_tiny_proxy.json")
+    parser.add_argument("--results", type=Path, default=HERE / "results" / results_name)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = args.work / "run"
     if not (base / "sasrec" / "config.json").exists():
         sys.exit(f"{base}/sasrec: missing; run benchmarks/laser_ml100k.py --model sasrec first")
     record = json.loads(args.results.read_text()) if args.results.exists() else {"variants": {}}
-    record.update(common=COMMON, machine=machine(), command=" ".join([Path(sys.executable).name, *sys.argv]))
+    record.update(common=common, machine=machine(), command=" ".join([Path(sys.executable).name, *sys.argv]))
     if "reference" not in record:
         record["reference"] = {m: {k: evaluate_run(base, model=m)["metrics"][k] for k in METRICS}
                                for m in ("popularity", "sasrec")}
+    return args, base, record
+
+
+def main() -> None:
+    args, base, record = start(__doc__, VARIANTS, "laser_tiny_proxy.json", COMMON)
     for name in args.variant or list(VARIANTS):
         if name in record["variants"]:
             logging.info("%s: done already, skipping", name)
