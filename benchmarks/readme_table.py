@@ -74,6 +74,12 @@ def laser_table(results_dir: Path) -> str:
                               f" measured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
 
 
+def _reference_rows(reference: dict, labels: tuple, empty: int) -> list[str]:
+    """Table rows of reference models (HR@10, NDCG@10, MRR), followed by `empty` blank cells."""
+    return [f"| {label} | {_fmt(reference[key], 'HR@10')} | {_fmt(reference[key], 'NDCG@10')} "
+            f"| {_fmt(reference[key], 'MRR')} |" + " |" * empty for key, label in labels]
+
+
 def laser_proxy_table(results_dir: Path) -> str:
     """Laser with the embedded tiny LLM on ML-100K (benchmarks/laser_tiny_proxy.py): loss and validation per epoch."""
     path = results_dir / "laser_tiny_proxy.json"
@@ -82,9 +88,7 @@ def laser_proxy_table(results_dir: Path) -> str:
     r = json.loads(path.read_text())
     rows = ["| variant | test HR@10 | NDCG@10 | MRR | loss by epoch | valid HR@10 by epoch | CPU |",
             "|---|---|---|---|---|---|---|"]
-    for key, label in (("popularity", "popularity"), ("sasrec", "SASRec alone")):
-        m = r["reference"][key]
-        rows.append(f"| {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | {_fmt(m, 'MRR')} | | | |")
+    rows += _reference_rows(r["reference"], (("popularity", "popularity"), ("sasrec", "SASRec alone")), 3)
     for name, v in r["variants"].items():
         losses = " / ".join(f"{e['loss']:.2f}" for e in v["epochs"])
         valid = " / ".join(f"{e['HR@10']:.3f}" for e in v["epochs"])
@@ -103,10 +107,8 @@ def laser_bypass_table(results_dir: Path) -> str:
         return "(no results yet: run python benchmarks/laser_bypass_llm.py)"
     r = json.loads(path.read_text())
     rows = ["| variant | test HR@10 | NDCG@10 | MRR | changes | seconds |", "|---|---|---|---|---|---|"]
-    for key, label in (("popularity", "popularity"), ("sasrec", "SASRec alone"),
-                       ("sasrec_cosine", "SASRec alone, scored by cosine")):
-        m = r["reference"][key]
-        rows.append(f"| {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | {_fmt(m, 'MRR')} | | |")
+    rows += _reference_rows(r["reference"], (("popularity", "popularity"), ("sasrec", "SASRec alone"),
+                                             ("sasrec_cosine", "SASRec alone, scored by cosine")), 2)
     for name, v in r["variants"].items():
         changes = ", ".join(f"{k} {json.dumps(c)}" for k, c in v["changes"].items()) or "none"
         rows.append(f"| {name} | {_fmt(v['test'], 'HR@10')} | {_fmt(v['test'], 'NDCG@10')} | {_fmt(v['test'], 'MRR')} "

@@ -306,8 +306,9 @@ def score_ray(
 def _group_interactions(in_fs, files: list[str], out_fs, target: str) -> str:
     """user_id, item_id, timestamp rows -> `target` on out_fs (user_id, history oldest first), grouped on the driver.
 
-    The local engine's grouping (`score._grouped_interactions`: ties in time keep the input order), so both engines
-    score the same histories (Polars streams local files; other filesystems go through a pyarrow dataset)."""
+    The local engine's grouping (`score.grouped_interactions`: ties in time keep the input order), so both engines
+    score the same histories (Polars streams local files; other filesystems go through a pyarrow dataset). A local
+    OUT gets the file directly; another filesystem gets a copy of a local temporary file."""
     import pyarrow.dataset as ds
     import pyarrow.fs as pafs
 
@@ -315,6 +316,9 @@ def _group_interactions(in_fs, files: list[str], out_fs, target: str) -> str:
 
     local_fs = isinstance(in_fs, pafs.LocalFileSystem)
     rows = pl.scan_parquet(files) if local_fs else pl.scan_pyarrow_dataset(ds.dataset(files, filesystem=in_fs))
+    if isinstance(out_fs, pafs.LocalFileSystem):
+        grouped_interactions(rows, Path(target))
+        return target
     with tempfile.TemporaryDirectory(prefix="laser-batch-group-") as tmp:
         local = Path(tmp) / "users.parquet"
         grouped_interactions(rows, local)
