@@ -50,7 +50,7 @@ def sasrec_table(results_dir: Path) -> str:
                 rows.append(f"| {name} | {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | {_fmt(m, 'HR@20')} "
                             f"| {_fmt(m, 'NDCG@20')} | - | | |")
     machine = next((json.loads(p.read_text())["machine"] for p in sorted(results_dir.glob("sasrec_*.json"))), None)
-    note = f"\nMeasured on {machine['cpu']}, {machine['torch_threads']} threads." if machine else ""
+    note = f"\n\nMeasured on {machine['cpu']}, {machine['torch_threads']} threads." if machine else ""
     return "\n".join(rows) + note
 
 
@@ -69,7 +69,7 @@ def laser_table(results_dir: Path) -> str:
         rows.append(f"| {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | {_fmt(m, 'MRR')} "
                     f"| {run.get('seconds_per_epoch', '')} | {run.get('trainable_parameters', '')} |")
     llm = Path(r["config"]["llm"]["source"]).name
-    return "\n".join(rows) + (f"\nMovieLens-100K, test split, full ranking; LLM {llm} "
+    return "\n".join(rows) + (f"\n\nMovieLens-100K, test split, full ranking; LLM {llm} "
                               f"({r.get('runs', {}).get('laser', {}).get('llm_dtype', r['config']['llm']['dtype'])});"
                               f" measured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
 
@@ -95,7 +95,7 @@ def laser_proxy_table(results_dir: Path) -> str:
         rows.append(f"| {name} | {_fmt(v['test'], 'HR@10')} | {_fmt(v['test'], 'NDCG@10')} | {_fmt(v['test'], 'MRR')} "
                     f"| {losses} | {valid} | {v.get('cpu', r['machine']['cpu'])} |")
     ln_n = "ln(1682) = 7.43"
-    return "\n".join(rows) + (f"\nEmbedded tiny LLM (float32), 4 epochs of stage 1, otherwise the ML-100K benchmark "
+    return "\n".join(rows) + (f"\n\nEmbedded tiny LLM (float32), 4 epochs of stage 1, otherwise the ML-100K benchmark "
                               f"configuration; uniform-guess loss {ln_n}; validation on 300 users; "
                               f"{r['machine']['torch_threads']} threads.")
 
@@ -113,7 +113,7 @@ def laser_bypass_table(results_dir: Path) -> str:
         changes = ", ".join(f"{k} {json.dumps(c)}" for k, c in v["changes"].items()) or "none"
         rows.append(f"| {name} | {_fmt(v['test'], 'HR@10')} | {_fmt(v['test'], 'NDCG@10')} | {_fmt(v['test'], 'MRR')} "
                     f"| {changes} | {v['seconds']} |")
-    return "\n".join(rows) + (f"\nEmbedding = mean of the M-Former prefix (no LLM), 4 epochs of stage 1 unless "
+    return "\n".join(rows) + (f"\n\nEmbedding = mean of the M-Former prefix (no LLM), 4 epochs of stage 1 unless "
                               f"changed, otherwise the ML-100K benchmark configuration with id_window 10; "
                               f"measured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
 
@@ -135,7 +135,7 @@ def export_table(results_dir: Path) -> str:
         rows.append(f"| {scheme} | {v['bytes'] / 1e6:.0f} | {v['top10_vs_fp32']['same_set']:.1%} "
                     f"| {v['top10_vs_fp32']['mean_overlap']:.1%} | {v['mean_cosine']:.4f} / {v['min_cosine']:.4f} "
                     f"| {v['recall@10_change']:+.4f} | {v['speedup_vs_fp32']:.2f}x |")
-    return "\n".join(rows) + (f"\nSmolLM2-135M Laser run of the ML-100K benchmark, {e2e['users']} held-out users; "
+    return "\n".join(rows) + (f"\n\nSmolLM2-135M Laser run of the ML-100K benchmark, {e2e['users']} held-out users; "
                               f"export took {r['export_seconds']:.0f} s; recommended CPU variant: "
                               f"{r['recommended_cpu_variant']}; measured on {r['machine']['cpu']}, "
                               f"{r['machine']['torch_threads']} threads.")
@@ -159,7 +159,7 @@ def score_ray_table(results_dir: Path) -> str:
         rows.append(f"| {run['engine']} | {layout} | {run['users_per_s']:.1f} | {run['seconds']:.1f} | {same} "
                     f"| {diff} |")
     c = r["configuration"]
-    return "\n".join(rows) + (f"\n{c['users']} synthetic users in {c['input_files']} Parquet files, tiny Laser "
+    return "\n".join(rows) + (f"\n\n{c['users']} synthetic users in {c['input_files']} Parquet files, tiny Laser "
                               f"model, chunks of {c['chunk_size']} users, top {c['top_k']}; Ray: a local cluster "
                               f"of {c['ray_cpus']} logical CPUs, its start-up ({r['ray_init_seconds']:.0f} s) not "
                               f"counted; measured on {r['machine']['cpu']}, {r['machine']['cores']} cores; "
@@ -198,7 +198,7 @@ def score_table(results_dir: Path) -> str:
                  for s in scaling]
         notes.append(f"scaling: `laser-batch score` in a fresh process per row, measured on "
                      f"{machines.get('scaling', r['machine'])['cpu']}")
-    return "\n".join(rows) + "\n" + "; ".join(notes) + "."
+    return "\n".join(rows) + "\n\n" + "; ".join(notes) + "."
 
 
 def render(readme: str, table: str, name: str = "sasrec") -> str:
