@@ -68,8 +68,20 @@ def laser_table(results_dir: Path) -> str:
             continue
         rows.append(f"| {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | {_fmt(m, 'MRR')} "
                     f"| {run.get('seconds_per_epoch', '')} | {run.get('trainable_parameters', '')} |")
+    notes = []
+    for other in sorted(results_dir.glob("laser_ml100k_*.json")):  # the same benchmark with a variant config
+        o = json.loads(other.read_text())
+        name = other.stem.removeprefix("laser_ml100k_")
+        for key, label in LASER_ROWS:
+            m, run = o["models"].get(key), o.get("runs", {}).get(key, {})
+            if m is not None and key not in ("popularity", "sasrec"):
+                rows.append(f"| {label}, config `{name}` | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} "
+                            f"| {_fmt(m, 'MRR')} | {run.get('seconds_per_epoch', '')} "
+                            f"| {run.get('trainable_parameters', '')} |")
+        notes.append(f"config `{name}`: `{o['command']}` on {o['machine']['cpu']}")
     llm = Path(r["config"]["llm"]["source"]).name
-    return "\n".join(rows) + (f"\n\nMovieLens-100K, test split, full ranking; LLM {llm} "
+    return "\n".join(rows) + "".join(f"\n\n{n}." for n in notes) + (
+        f"\n\nMovieLens-100K, test split, full ranking; LLM {llm} "
                               f"({r.get('runs', {}).get('laser', {}).get('llm_dtype', r['config']['llm']['dtype'])});"
                               f" measured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
 
@@ -192,12 +204,12 @@ def score_table(results_dir: Path) -> str:
              for model, m in ((k, r.get(k)) for k in ("smollm2", "tiny")) if m]
     scaling = r.get("scaling", [])
     if scaling:
-        rows += ["", "| synthetic users (tiny Laser) | max batch tokens | users/s | peak RSS (MB) |",
-                 "|---|---|---|---|"]
-        rows += [f"| {s['users']:,} | {s['max_batch_tokens']:,} | {s['users_per_s']:.1f} | {s['peak_rss_mb']:.0f} |"
-                 for s in scaling]
-        notes.append(f"scaling: `laser-batch score` in a fresh process per row, measured on "
-                     f"{machines.get('scaling', r['machine'])['cpu']}")
+        rows += ["", "| synthetic users | tiny model's artefacts | max batch tokens | users/s | peak RSS (MB) |",
+                 "|---|---|---|---|---|"]
+        rows += [f"| {s['users']:,} | {'SASRec only' if s.get('model') == 'sasrec' else 'Laser'} "
+                 f"| {s['max_batch_tokens']:,} | {s['users_per_s']:.1f} | {s['peak_rss_mb']:.0f} |" for s in scaling]
+        cpus = sorted({s.get("cpu", machines.get("scaling", r["machine"])["cpu"]) for s in scaling})
+        notes.append(f"scaling: `laser-batch score` in a fresh process per row, measured on {' / '.join(cpus)}")
     return "\n".join(rows) + "\n\n" + "; ".join(notes) + "."
 
 

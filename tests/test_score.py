@@ -1,5 +1,6 @@
 """The nightly job: every user accounted for once, the same result in any chunking, resumable after kill -9."""
 
+import itertools
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from test_laser import small_config
 from laser_batch.artifacts import Embedder
 from laser_batch.errors import ArtifactError, InputError
 from laser_batch.exporters.export import export_run
-from laser_batch.score import Recommender, score_users
+from laser_batch.score import Recommender, SeenUsers, score_users
 from laser_batch.train import train_sasrec
 from laser_batch.train_laser import train_laser
 
@@ -255,6 +256,22 @@ def test_batches_keep_length_order_and_both_limits():
         assert len(group) <= 64 and (len(group) * lengths[group].max() <= 2048 or len(group) == 1)
     assert [7] in [g.tolist() for g in groups]
     assert max(map(len, batches(np.full(100, 10), 64, 10**9))) == 64  # the user limit still applies
+
+
+def test_seen_users_answers_as_a_set_in_logarithmically_many_runs():
+    rng = np.random.default_rng(0)
+    seen, reference = SeenUsers(), set()
+    for _ in range(37):
+        hashes = rng.integers(0, 5_000, size=100).astype(np.uint64)  # repeats within and across chunks
+        queries = rng.integers(0, 5_000, size=300).astype(np.uint64)
+        assert seen.contains(queries).tolist() == [q in reference for q in queries.tolist()]
+        seen.add(hashes)
+        reference.update(hashes.tolist())
+        lengths = [len(run) for run in seen.runs]
+        assert all(a >= 2 * b for a, b in itertools.pairwise(lengths)) and len(lengths) <= np.log2(sum(lengths)) + 1
+        assert all(np.all(np.diff(run.astype(np.int64)) >= 0) for run in seen.runs)
+    assert seen.contains(np.array([2**64 - 1], dtype=np.uint64)).tolist() == [2**64 - 1 in reference]
+    assert not SeenUsers().contains(np.array([1, 2], dtype=np.uint64)).any()
 
 
 def test_a_token_budget_bounds_every_graph_run_and_keeps_the_result(artifacts, tmp_path):
