@@ -11,7 +11,7 @@
 - scaling: `laser-batch score` (a fresh process each) on 10k / 100k / 1M synthetic users with the tiny artefacts:
   users/s and peak RSS, at each `--max-batch-tokens` given (default: the scorer's default only). `--scaling-model
   sasrec` scores with the SASRec-only artefacts of the same tiny run (the same streaming job, reading, dedup and
-  writing, without the LLM): on a 2-core CPU the tiny Laser encoder runs ~60 users/s, 1M users ~4.5 hours.
+  writing, without the LLM), for sizes the LLM makes slow (tiny Laser on 2 AMD EPYC cores: ~400 users/s).
 
 Writes benchmarks/results/score_throughput.json.
 """
