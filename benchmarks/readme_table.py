@@ -54,6 +54,11 @@ def sasrec_table(results_dir: Path) -> str:
     return "\n".join(rows) + note
 
 
+def _laser_row(label: str, metrics: dict, run: dict) -> str:
+    return (f"| {label} | {_fmt(metrics, 'HR@10')} | {_fmt(metrics, 'NDCG@10')} | {_fmt(metrics, 'MRR')} "
+            f"| {run.get('seconds_per_epoch', '')} | {run.get('trainable_parameters', '')} |")
+
+
 def laser_table(results_dir: Path) -> str:
     path = results_dir / "laser_ml100k.json"
     if not path.exists():
@@ -66,8 +71,7 @@ def laser_table(results_dir: Path) -> str:
         if m is None:
             rows.append(f"| {label} | not run | | | | |")
             continue
-        rows.append(f"| {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | {_fmt(m, 'MRR')} "
-                    f"| {run.get('seconds_per_epoch', '')} | {run.get('trainable_parameters', '')} |")
+        rows.append(_laser_row(label, m, run))
     notes = []
     for other in sorted(results_dir.glob("laser_ml100k_*.json")):  # the same benchmark with a variant config
         o = json.loads(other.read_text())
@@ -75,9 +79,7 @@ def laser_table(results_dir: Path) -> str:
         for key, label in LASER_ROWS:
             m, run = o["models"].get(key), o.get("runs", {}).get(key, {})
             if m is not None and key not in ("popularity", "sasrec"):
-                rows.append(f"| {label}, config `{name}` | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} "
-                            f"| {_fmt(m, 'MRR')} | {run.get('seconds_per_epoch', '')} "
-                            f"| {run.get('trainable_parameters', '')} |")
+                rows.append(_laser_row(f"{label}, config `{name}`", m, run))
         notes.append(f"config `{name}`: `{o['command']}` on {o['machine']['cpu']}")
     llm = Path(r["config"]["llm"]["source"]).name
     return "\n".join(rows) + "".join(f"\n\n{n}." for n in notes) + (

@@ -184,6 +184,11 @@ def scaling(artifacts: Path, work: Path, sizes: list[int], threads: int, max_bat
     return rows
 
 
+def _scaling_key(row: dict) -> tuple:
+    """A scaling row replaces an earlier one of the same size, model and token budget."""
+    return row["users"], row.get("model", "laser"), row["max_batch_tokens"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=WORK / "ml100k" / "run_laser")
@@ -235,8 +240,8 @@ def main() -> None:
             for budget in args.max_batch_tokens:
                 new = scaling(scaling_artifacts, tiny_work, [size], args.threads, budget)
                 new[0]["cpu"] = record["machine"]["cpu"]  # rows of several runs are kept
-                key = lambda row: (row["users"], row.get("model", "laser"), row["max_batch_tokens"])  # noqa: E731
-                record["scaling"] = [row for row in record.get("scaling", []) if key(row) != key(new[0])] + new
+                record["scaling"] = [row for row in record.get("scaling", [])
+                                     if _scaling_key(row) != _scaling_key(new[0])] + new
                 save()
 
 
