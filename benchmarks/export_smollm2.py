@@ -1,6 +1,6 @@
 """Export the SmolLM2-135M Laser run of the ML-100K benchmark to ONNX: time, sizes, parity, quantised variants.
 
-    python benchmarks/export_smollm2.py [--run benchmarks/work/ml100k/run_laser] [--threads 2]
+    python benchmarks/export_smollm2.py [--run benchmarks/work/ml100k/run_laser] [--threads 2] [--scheme nbits8 ...]
 
 Needs the run written by benchmarks/laser_ml100k.py (model "laser"). Exports the fp32 graphs through Optimum,
 validates them against torch (two shapes per part, end to end on held-out users), then adds every quantised
@@ -32,14 +32,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--users", type=int, default=256, help="held-out users for the checks")
     parser.add_argument("--results", type=Path, default=HERE / "results" / "export_smollm2.json")
+    parser.add_argument("--scheme", action="append", help="quantisation scheme to add (repeatable); default: every one")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    manifest = export_run(args.run, args.out, quantize=["int8"], validate_users=args.users, threads=args.threads,
-                          overwrite=True)
+    manifest = export_run(args.run, args.out, quantize=args.scheme or ["int8"], validate_users=args.users,
+                          threads=args.threads, overwrite=True)
     graphs = manifest["graphs"]
     record = {
         "run": str(args.run), "llm": manifest["settings"]["llm"], "trained_llm_dtype":

@@ -132,27 +132,42 @@ def laser_bypass_table(results_dir: Path) -> str:
                               f"measured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
 
 
+def _repo_path(path: str) -> str:
+    """A recorded absolute path as the repository-relative one ("benchmarks/work/...")."""
+    return path[path.index("benchmarks/"):] if "benchmarks/" in path else path
+
+
+def _of_run(section: dict) -> str:
+    return f" of `{_repo_path(section['run'])}`" if "run" in section else ""
+
+
 def export_table(results_dir: Path) -> str:
     path = results_dir / "export_smollm2.json"
     if not path.exists():
         return "(no results yet: run python benchmarks/export_smollm2.py)"
-    r = json.loads(path.read_text())
-    e2e = r["fp32"]["end_to_end"]
-    rows = ["| user encoder | MB | top-10 same set as torch/fp32 | mean top-10 overlap | emb. cosine mean / worst "
-            "| Recall@10 change | speed vs ORT fp32 |", "|---|---|---|---|---|---|---|",
-            f"| fp32 (vs torch) | {r['files']['user_encoder.onnx'] / 1e6:.0f} | {e2e['top10']['same_set']:.1%} "
-            f"| {e2e['top10']['mean_overlap']:.1%} | {e2e['mean_cosine']:.5f} / {e2e['min_cosine']:.5f} | | 1.00x |"]
-    for scheme, v in r["int8"].items():
-        if "skipped" in v:
-            rows.append(f"| {scheme} | skipped: {v['skipped']} | | | | | |")
-            continue
-        rows.append(f"| {scheme} | {v['bytes'] / 1e6:.0f} | {v['top10_vs_fp32']['same_set']:.1%} "
-                    f"| {v['top10_vs_fp32']['mean_overlap']:.1%} | {v['mean_cosine']:.4f} / {v['min_cosine']:.4f} "
-                    f"| {v['recall@10_change']:+.4f} | {v['speedup_vs_fp32']:.2f}x |")
-    return "\n".join(rows) + (f"\n\nSmolLM2-135M Laser run of the ML-100K benchmark, {e2e['users']} held-out users; "
-                              f"export took {r['export_seconds']:.0f} s; recommended CPU variant: "
-                              f"{r['recommended_cpu_variant']}; measured on {r['machine']['cpu']}, "
-                              f"{r['machine']['torch_threads']} threads.")
+    rows = ["| run | user encoder | MB | top-10 same set as torch/fp32 | mean top-10 overlap "
+            "| emb. cosine mean / worst | Recall@10 change | speed vs ORT fp32 |", "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    # the main run's export, then the exports of variant-config runs (benchmarks/configs/laser_ml100k_*.toml)
+    for other in [path, *sorted(results_dir.glob("export_smollm2_*.json"))]:
+        r = json.loads(other.read_text())
+        name = other.stem.removeprefix("export_smollm2").removeprefix("_") or "main"
+        e2e = r["fp32"]["end_to_end"]
+        rows.append(f"| {name} | fp32 (vs torch) | {r['files']['user_encoder.onnx'] / 1e6:.0f} "
+                    f"| {e2e['top10']['same_set']:.1%} | {e2e['top10']['mean_overlap']:.1%} "
+                    f"| {e2e['mean_cosine']:.5f} / {e2e['min_cosine']:.5f} | | 1.00x |")
+        for scheme, v in r["int8"].items():
+            if "skipped" in v:
+                rows.append(f"| {name} | {scheme} | skipped: {v['skipped']} | | | | | |")
+                continue
+            rows.append(f"| {name} | {scheme} | {v['bytes'] / 1e6:.0f} | {v['top10_vs_fp32']['same_set']:.1%} "
+                        f"| {v['top10_vs_fp32']['mean_overlap']:.1%} | {v['mean_cosine']:.4f} / {v['min_cosine']:.4f} "
+                        f"| {v['recall@10_change']:+.4f} | {v['speedup_vs_fp32']:.2f}x |")
+        notes.append(f"{name}: `{_repo_path(r['run'])}`, {e2e['users']} held-out users; "
+                     f"export took {r['export_seconds']:.0f} s; "
+                     f"recommended CPU variant: {r['recommended_cpu_variant']}; measured on {r['machine']['cpu']}, "
+                     f"{r['machine']['torch_threads']} threads")
+    return "\n".join(rows) + "\n\nSmolLM2-135M Laser runs of the ML-100K benchmark. " + "; ".join(notes) + "."
 
 
 def score_ray_table(results_dir: Path) -> str:
@@ -201,7 +216,7 @@ def score_table(results_dir: Path) -> str:
                  f"| {label} | torch.compile bf16 | failed: {m.get('torch_compile_error', '')} | |"]
         rows += [f"| {label} | ORT {v['variant']} | {v['users_per_s']:.2f} | {v['top10_agreement']:.1%} |"
                  for v in m["ort"]]
-    notes = [f"{model}: {m['users']} held-out users in length-sorted batches of {m['batch_size']}, padding "
+    notes = [f"{model}: {m['users']} held-out users{_of_run(m)} in length-sorted batches of {m['batch_size']}, padding "
              f"efficiency {m['padding_efficiency']:.3f}, measured on {machines.get(model, r['machine'])['cpu']}"
              for model, m in ((k, r.get(k)) for k in ("smollm2", "tiny")) if m]
     scaling = r.get("scaling", [])

@@ -70,7 +70,7 @@ def compare(run: Path, artifacts: Path, users: int, threads: int, batch_size: in
     embedder = Embedder(artifacts, device="cpu", threads=threads)
     item_matrix = np.load(artifacts / "item_matrix.npy").astype(np.float32)
     batches = _batches(embedder.text.lengths(histories), batch_size)
-    out: dict = {"users": len(histories), "batch_size": batch_size}
+    out: dict = {"run": str(run), "users": len(histories), "batch_size": batch_size}
 
     def timed(embed) -> tuple[np.ndarray, float]:
         embed([histories[i] for i in batches[0]])  # warm-up (and compilation)
