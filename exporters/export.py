@@ -223,7 +223,14 @@ def _export_laser(
     item_matrix = np.load(directory / ITEM_MATRIX)
     manifest["end_to_end"] = _end_to_end(directory, histories, reference, item_matrix)
     if schemes:
-        from laser_batch.exporters.quantize import QUALITY_BAR, TORCH_SCHEMES, measure, quantize, smooth_encoder
+        from laser_batch.exporters.quantize import (
+            QUALITY_BAR,
+            TORCH_SCHEMES,
+            correct_centre,
+            measure,
+            quantize,
+            smooth_encoder,
+        )
         from laser_batch.exporters.smooth import supports_smoothing
 
         embedder = Embedder(directory, device="cpu", threads=threads, verify=False)  # hashed just now
@@ -246,7 +253,9 @@ def _export_laser(
                                                           UserEncoderOnnxConfig, where, inputs=inputs),
                         lambda model: encode_users(model, torch_inputs, calibration, batch_size=16))
                 file = quantize(directory, scheme, smoothed=smoothed)
+                correction = correct_centre(embedder, file, calibration)
                 variants[scheme] = {"file": file, "quantize_seconds": round(time.perf_counter() - started, 2),
+                                    **({"centre_correction": correction} if correction else {}),
                                     **measure(embedder, file, histories, targets, item_matrix)}
                 logger.info("%s: %s", scheme, variants[scheme])
         passing = [s for s, v in variants.items() if v.get("top10_vs_fp32", {}).get("same_set", 0) >= QUALITY_BAR]

@@ -172,6 +172,13 @@ def test_quantised_variant_is_measured_against_fp32(laser_run, tmp_path):
         assert record["file"] == f"user_encoder.{scheme}.onnx" and record["file"] in manifest["files"]
         assert 0 <= record["top10_vs_fp32"]["same_set"] <= 1 and record["speedup_vs_fp32"] > 0
         assert record["mean_cosine"] > 0.99
+        if architecture == "llama":  # centred: each variant's centre was re-calibrated (or left, if no better)
+            correction = record["centre_correction"]
+            assert correction["calibration_users"] > 0 and correction["shift_norm"] > 0
+            assert correction["applied"] == (correction["calibration_cosine_after"] > correction[
+                "calibration_cosine_before"])
+        else:
+            assert "centre_correction" not in record
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(tmp_path / "art" / "user_encoder.nbits8.onnx")).graph.node]
@@ -196,6 +203,45 @@ def test_quantised_variant_is_measured_against_fp32(laser_run, tmp_path):
         assert not (tmp_path / "x").exists()
     with pytest.raises(InputError, match="choose int8"):
         export_run(run, tmp_path / "x", quantize=["int3"])
+
+
+def test_centre_correction_removes_a_constant_shift_of_the_pooled_state(laser_run, tmp_path):
+    """A "quantised" graph whose pooled state is off by a constant vector is repaired exactly by the correction."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from laser_batch.exporters.quantize import CENTRE, correct_centre
+
+    run, architecture = laser_run
+    export_run(run, tmp_path / "art", llm=_llm(architecture))
+    model = onnx.load(str(tmp_path / "art" / "user_encoder.onnx"))
+    centring = [n for n in model.graph.node if n.op_type == "Sub" and n.input[1] == CENTRE]
+    fp32 = Embedder(tmp_path / "art", device="cpu")
+    histories = _held_out_and_torch_users(run, architecture, 20)[0]
+    calibration, held_out = histories[:12], histories[12:]
+    if architecture == "gpt2":  # the fixture trains it without centring: nothing to correct
+        assert not centring and correct_centre(fp32, "user_encoder.onnx", calibration) is None
+        return
+    shift = np.random.default_rng(0).normal(0, 0.5, fp32.user_encoder.get_outputs()[0].shape[-1]).astype(np.float32)
+    (sub,) = centring
+    model.graph.initializer.append(numpy_helper.from_array(shift, "injected_shift"))
+    model.graph.node.append(helper.make_node("Add", [sub.input[0], "injected_shift"], ["shifted_state"]))
+    sub.input[0] = "shifted_state"
+    onnx.save(model, str(tmp_path / "art" / "user_encoder.shifted.onnx"))
+    from laser_batch.artifacts import session
+
+    def shifted_embed():  # the graph file as it is now (not listed in the manifest: a plain session)
+        graph = session(tmp_path / "art" / "user_encoder.shifted.onnx", ["CPUExecutionProvider"])
+        return graph.run(["embedding"], fp32.feeds(held_out))[0]
+
+    before = (shifted_embed() * fp32.embed(held_out)).sum(1)
+    assert before.mean() < 0.999  # the shift really matters
+
+    record = correct_centre(fp32, "user_encoder.shifted.onnx", calibration)
+    assert record["applied"] and record["calibration_users"] == 12
+    assert record["shift_norm"] == pytest.approx(float(np.linalg.norm(shift)), rel=1e-4)
+    assert record["calibration_cosine_after"] > record["calibration_cosine_before"]
+    np.testing.assert_allclose(shifted_embed(), fp32.embed(held_out), atol=1e-4)  # on users it never saw
 
 
 def test_fp16_graphs_and_external_data(laser_run, tmp_path, monkeypatch):
