@@ -163,10 +163,11 @@ def correct_centre(embedder, scheme_file: str, calibration: list[np.ndarray], *,
         raw_fp32 = _pooled_states(reference, _centred_input(reference), batches, scratch / "fp32.onnx",
                                   embedder.threads)
         raw_variant = _pooled_states(variant, pooled, batches, scratch / "variant.onnx", embedder.threads)
+    from laser_batch.exporters.export import _compare
+
     shift = (raw_variant - raw_fp32).mean(0)
-    target = _unit(raw_fp32 - centre)
-    before = float((_unit(raw_variant - _initializer(variant, CENTRE)) * target).sum(1).mean())
-    after = float((_unit(raw_variant - (centre + shift)) * target).sum(1).mean())
+    before = _compare(raw_fp32 - centre, raw_variant - _initializer(variant, CENTRE))["mean_cosine"]
+    after = _compare(raw_fp32 - centre, raw_variant - (centre + shift))["mean_cosine"]
     record = {"calibration_users": len(calibration), "shift_norm": float(np.linalg.norm(shift)),
               "centre_norm": float(np.linalg.norm(centre)), "calibration_cosine_before": before,
               "calibration_cosine_after": after, "applied": after > before}
@@ -196,7 +197,10 @@ def _set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> No
 
 
 def _pooled_states(model: onnx.ModelProto, pooled: str, batches: list[dict], scratch: Path, threads: int) -> np.ndarray:
-    """Run a copy of `model` that also outputs `pooled` (written to `scratch`, external data for big LLMs)."""
+    """Run a copy of `model` that also outputs `pooled` (written to `scratch`, external data for big LLMs).
+
+    A copy, because saving with external data moves the weights out of the proto it saves.
+    """
     from laser_batch.artifacts import session
 
     copy = onnx.ModelProto()
@@ -206,10 +210,6 @@ def _pooled_states(model: onnx.ModelProto, pooled: str, batches: list[dict], scr
               location=f"{scratch.name}_data")
     sess = session(scratch, ["CPUExecutionProvider"], threads=threads)
     return np.concatenate([sess.run([pooled], feeds)[0] for feeds in batches]).astype(np.float64)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def measure(embedder, scheme_file: str, histories: list[np.ndarray], targets: np.ndarray, item_matrix: np.ndarray,

@@ -210,6 +210,8 @@ def test_centre_correction_removes_a_constant_shift_of_the_pooled_state(laser_ru
     import onnx
     from onnx import helper, numpy_helper
 
+    from laser_batch.artifacts import session
+    from laser_batch.exporters.export import _held_out_histories
     from laser_batch.exporters.quantize import CENTRE, correct_centre
 
     run, architecture = laser_run
@@ -217,7 +219,7 @@ def test_centre_correction_removes_a_constant_shift_of_the_pooled_state(laser_ru
     model = onnx.load(str(tmp_path / "art" / "user_encoder.onnx"))
     centring = [n for n in model.graph.node if n.op_type == "Sub" and n.input[1] == CENTRE]
     fp32 = Embedder(tmp_path / "art", device="cpu")
-    histories = _held_out_and_torch_users(run, architecture, 20)[0]
+    histories = _held_out_histories(run, 20)
     calibration, held_out = histories[:12], histories[12:]
     if architecture == "gpt2":  # the fixture trains it without centring: nothing to correct
         assert not centring and correct_centre(fp32, "user_encoder.onnx", calibration) is None
@@ -228,7 +230,6 @@ def test_centre_correction_removes_a_constant_shift_of_the_pooled_state(laser_ru
     model.graph.node.append(helper.make_node("Add", [sub.input[0], "injected_shift"], ["shifted_state"]))
     sub.input[0] = "shifted_state"
     onnx.save(model, str(tmp_path / "art" / "user_encoder.shifted.onnx"))
-    from laser_batch.artifacts import session
 
     def shifted_embed():  # the graph file as it is now (not listed in the manifest: a plain session)
         graph = session(tmp_path / "art" / "user_encoder.shifted.onnx", ["CPUExecutionProvider"])
