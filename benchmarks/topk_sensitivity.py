@@ -1,0 +1,119 @@
+"""How exact must a user embedding be to keep its top-10? The bound behind the 98%-agreement targets.
+
+    python benchmarks/topk_sensitivity.py --run benchmarks/work/ml100k_soft_long/run_laser [--users 256]
+
+Any faster encoder (bf16 weights, int8 weights or activations) returns a user embedding at some cosine c < 1 from
+the fp32 one; whether that keeps the user's top-10 depends on how close the 10th and 11th items score. This
+measures it on held-out (test-split) users of a trained run, for the Laser model and, as a reference, for the
+run's SASRec:
+
+- `bf16`: Laser with the LLM's weights in bf16 (the eager-bf16 PyTorch scorer) against fp32: embedding cosine and
+  top-10 agreement (same set; mean overlap = the share of the 10 items kept);
+- `noise`: each user embedding moved to cosine c from itself in a random direction (isotropic, 5 seeds), for c from
+  0.99 to 0.999999: the top-10 agreement at each c, so a variant's measured cosine predicts its agreement, and
+  the smallest c that keeps 98% of top-10 sets (or items);
+- `gap`: the score gap between each user's 10th and 11th item, in units of the spread of that user's scores.
+
+Writes benchmarks/results/topk_sensitivity.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sasrec_s3rec import machine
+
+HERE = Path(__file__).resolve().parent
+COSINES = (0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99995, 0.99999, 0.999999)
+SEEDS = 5
+TARGET = 0.98
+
+
+def perturbed(users: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndarray:
+    """Each row moved to exactly `cosine` from itself, in a random direction, keeping its norm."""
+    noise = rng.standard_normal(users.shape)
+    unit = users / np.linalg.norm(users, axis=1, keepdims=True)
+    noise -= (noise * unit).sum(1, keepdims=True) * unit  # orthogonal to the row
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    angle = np.arccos(cosine)
+    return np.linalg.norm(users, axis=1, keepdims=True) * (np.cos(angle) * unit + np.sin(angle) * noise)
+
+
+def sweep(users: np.ndarray, items: np.ndarray) -> dict:
+    from laser_batch.exporters.export import agreement, top_k
+
+    reference = top_k(users, items, 10)
+    rows = []
+    for cosine in COSINES:
+        runs = [agreement(reference, top_k(perturbed(users, cosine, np.random.default_rng(seed)), items, 10))
+                for seed in range(SEEDS)]
+        rows.append({"cosine": cosine, **{k: round(float(np.mean([r[k] for r in runs])), 4) for k in runs[0]}})
+    needed = {key: next((r["cosine"] for r in rows if r[key] >= TARGET), None) for key in ("same_set", "mean_overlap")}
+    scores = users @ items.T
+    top = -np.sort(-scores, axis=1)[:, :11]
+    gap = (top[:, 9] - top[:, 10]) / scores.std(1)
+    return {"rows": rows, f"cosine_needed_for_{TARGET}": needed,
+            "gap_10_11_in_score_std": {"median": round(float(np.median(gap)), 5),
+                                       "p10": round(float(np.quantile(gap, 0.1)), 5)}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, required=True, help="a Laser run directory (benchmarks/laser_ml100k.py)")
+    parser.add_argument("--users", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--results", type=Path, default=HERE / "results" / "topk_sensitivity.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
+    from laser_batch.checkpoint import SASREC_DIR, load_laser, load_sasrec, read_run_info
+    from laser_batch.config import TextConfig
+    from laser_batch.contracts import load_data_dir
+    from laser_batch.encode import encode_users, laser_inputs
+    from laser_batch.exporters.export import _compare, _sample, agreement, top_k
+    from laser_batch.sequences import build_sequences, pad_left
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    dataset = load_data_dir(read_run_info(args.run)["data_dir"])
+    sequences = build_sequences(dataset.interactions)
+    histories, _ = _sample(*sequences.split("test"), args.users)
+    model, item_matrix, config = load_laser(args.run)
+    inputs = laser_inputs(model.llm, dataset.items, sequences, TextConfig(**config["text"]),
+                          model.sasrec.config.max_len)
+    items = item_matrix.numpy()
+    batch = config["laser"]["item_batch_size"]
+    with torch.no_grad():
+        model.llm.model.float()
+        fp32 = encode_users(model, inputs, histories, batch_size=batch).numpy()
+        model.llm.model.to(torch.bfloat16)
+        bf16 = encode_users(model, inputs, histories, batch_size=batch).float().numpy()
+        sasrec, _ = load_sasrec(args.run / SASREC_DIR)
+        width = min(sasrec.config.max_len, max(len(h) for h in histories))
+        sasrec_users = sasrec(torch.from_numpy(pad_left(histories, width)))[:, -1].numpy()
+        sasrec_items = sasrec.item_vectors().numpy()
+    record = {
+        "run": str(args.run), "users": len(histories), "seeds": SEEDS,
+        "laser": {
+            "bf16_vs_fp32": {**_compare(fp32, bf16),
+                             "top10": agreement(top_k(fp32, items, 10), top_k(bf16, items, 10))},
+            **sweep(fp32, items),
+        },
+        "sasrec": sweep(sasrec_users, sasrec_items),
+        "seconds": round(time.perf_counter() - started, 1),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
+    }
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(record, indent=2) + "\n")
+    logging.info("%s", json.dumps({k: record[k] for k in ("laser", "sasrec")})[:2000])
+
+
+if __name__ == "__main__":
+    main()
