@@ -230,6 +230,33 @@ def score_table(results_dir: Path) -> str:
     return "\n".join(rows) + "\n\n" + "; ".join(notes) + "."
 
 
+def sensitivity_table(results_dir: Path) -> str:
+    """How exact a user embedding must be to keep its top-10 (benchmarks/topk_sensitivity.py)."""
+    path = results_dir / "topk_sensitivity.json"
+    if not path.exists():
+        return "(no results yet: run python benchmarks/topk_sensitivity.py)"
+    r = json.loads(path.read_text())
+    shown = (0.99, 0.999, 0.9999, 0.99999)
+    rows = ["| model | " + " | ".join(f"cosine {c}" for c in shown)
+            + " | cosine needed for 98% same set / overlap | 10th-11th score gap (median, in score std) |",
+            "|---|" + "---|" * len(shown) + "---|---|"]
+    for model, label in (("laser", "Laser"), ("sasrec", "SASRec alone")):
+        m = r[model]
+        cells = {row["cosine"]: f"{row['same_set']:.1%} / {row['mean_overlap']:.1%}" for row in m["rows"]}
+        needed = m["cosine_needed_for_0.98"]
+        rows.append(f"| {label} | " + " | ".join(cells.get(c, "-") for c in shown)
+                    + f" | {needed['same_set'] or '> 0.999999'} / {needed['mean_overlap'] or '> 0.999999'} "
+                    f"| {m['gap_10_11_in_score_std']['median']:.3f} |")
+    b = r["laser"]["bf16_vs_fp32"]
+    return "\n".join(rows) + (
+        f"\n\nCells: top-10 same set / mean top-10 overlap with the exact embedding's lists, after each user "
+        f"embedding is moved to the given cosine from itself in a random direction ({r['seeds']} seeds); "
+        f"{r['users']} held-out users of `{_repo_path(r['run'])}`. Measured, not simulated: the same Laser with its "
+        f"LLM in bf16 gives embedding cosine {b['mean_cosine']:.5f} (worst {b['min_cosine']:.5f}) and keeps "
+        f"{b['top10']['same_set']:.1%} of top-10 sets ({b['top10']['mean_overlap']:.1%} of items); "
+        f"measured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
+
+
 def render(readme: str, table: str, name: str = "sasrec") -> str:
     begin, end = f"<!-- {name}-table:begin -->", f"<!-- {name}-table:end -->"
     if begin not in readme:
@@ -249,7 +276,7 @@ def main() -> None:
     updated = readme
     for name, make in (("sasrec", sasrec_table), ("laser", laser_table), ("laser-proxy", laser_proxy_table),
                        ("laser-bypass", laser_bypass_table), ("export", export_table), ("score", score_table),
-                       ("score-ray", score_ray_table)):
+                       ("score-ray", score_ray_table), ("topk-sensitivity", sensitivity_table)):
         updated = render(updated, make(results), name)
     if args.check:
         sys.exit(0 if updated == readme else 1)
