@@ -33,7 +33,7 @@ SHARED = HERE.parent.parent / "shared"
 VARIANTS = {  # model name -> config changes (DESIGN.md ablations)
     "laser": {},
     "laser_no_prefix": {"laser": {"prefix": "none"}},
-    "laser_no_moe": {"mformer": {"num_experts": 1}},
+    "laser_no_moe": {"mformer": {"num_experts": 1, "top_k": 1}},  # one expert: top-k routing is top-1
 }
 METRICS = ("HR@10", "NDCG@10", "MRR")
 
