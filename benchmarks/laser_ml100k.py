@@ -66,8 +66,8 @@ def main() -> None:
         convert("recbole", [raw / "ml-100k.inter", raw / "ml-100k.item"], data)
     config = load_config(args.config, llm={"source": llm})
     record = json.loads(args.results.read_text()) if args.results.exists() else {"models": {}}
-    record.update(config=config.to_dict(), variants=VARIANTS, machine=machine(),
-                  command=" ".join([Path(sys.executable).name, *sys.argv]))
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    record.update(config=config.to_dict(), variants=VARIANTS, machine=machine(), command=command)
     base = work / "run"
     if not (base / "sasrec" / "config.json").exists():
         train_sasrec(data, base, config, overwrite=True)
@@ -88,6 +88,7 @@ def main() -> None:
             metrics = evaluate_run(run, model="laser")["metrics"]
             record["models"][model] = {k: metrics[k] for k in METRICS}
             record.setdefault("runs", {})[model] = {
+                "command": command,  # models of one results file may come from different invocations
                 "seconds_per_epoch": round(result.seconds_per_epoch, 1),
                 "trainable_parameters": result.trainable_parameters,
                 "best": [result.best_stage, result.best_epoch], "wall_seconds": round(time.perf_counter() - started),

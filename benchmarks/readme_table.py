@@ -80,7 +80,9 @@ def laser_table(results_dir: Path) -> str:
             m, run = o["models"].get(key), o.get("runs", {}).get(key, {})
             if m is not None and key not in ("popularity", "sasrec"):
                 rows.append(_laser_row(f"{label}, config `{name}`", m, run))
-        notes.append(f"config `{name}`: `{o['command']}` on {o['machine']['cpu']}")
+        commands = dict.fromkeys(run.get("command", o["command"]) for key, run in o.get("runs", {}).items()
+                                 if key in o["models"]) or {o["command"]: None}
+        notes.append(f"config `{name}`: " + "; ".join(f"`{c}`" for c in commands) + f" on {o['machine']['cpu']}")
     llm = Path(r["config"]["llm"]["source"]).name
     return "\n".join(rows) + "".join(f"\n\n{n}." for n in notes) + (
         f"\n\nMovieLens-100K, test split, full ranking; LLM {llm} "
