@@ -249,14 +249,19 @@ def sensitivity_table(results_dir: Path) -> str:
         rows.append(f"| {label} | " + " | ".join(cells.get(c, "-") for c in shown)
                     + f" | {needed['same_set'] or '> 0.999999'} / {needed['mean_overlap'] or '> 0.999999'} "
                     f"| {m['gap_10_11_in_score_std']['median']:.3f} |")
-    b = r["laser"]["bf16_vs_fp32"]
+    measured = ["| Laser's LLM computed in | embedding cosine to fp32, mean / worst | top-10 same set | mean overlap |",
+                "|---|---|---|---|"]
+    for key, label in (("bf16_vs_fp32", "bf16 (the eager-bf16 scorer)"),
+                       ("weight_int8_vs_fp32", "fp32 with 8-bit block-wise weights (nbits8 at fp32 compute)")):
+        if key in r["laser"]:
+            m = r["laser"][key]
+            measured.append(f"| {label} | {m['mean_cosine']:.5f} / {m['min_cosine']:.5f} "
+                            f"| {m['top10']['same_set']:.1%} | {m['top10']['mean_overlap']:.1%} |")
     return "\n".join(rows) + (
         f"\n\nCells: top-10 same set / mean top-10 overlap with the exact embedding's lists, after each user "
         f"embedding is moved to the given cosine from itself in a random direction ({r['seeds']} seeds); "
-        f"{r['users']} held-out users of `{_repo_path(r['run'])}`. Measured, not simulated: the same Laser with its "
-        f"LLM in bf16 gives embedding cosine {b['mean_cosine']:.5f} (worst {b['min_cosine']:.5f}) and keeps "
-        f"{b['top10']['same_set']:.1%} of top-10 sets ({b['top10']['mean_overlap']:.1%} of items); "
-        f"measured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
+        f"{r['users']} held-out users of `{_repo_path(r['run'])}`.\n\n" + "\n".join(measured)
+        + f"\n\nMeasured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
 
 
 def render(readme: str, table: str, name: str = "sasrec") -> str:
