@@ -8,6 +8,8 @@ Schemes (each written as `user_encoder.<scheme>.onnx` and measured against the f
   kept in fp32;
 - `nbits8` / `nbits4`: ONNX Runtime's block-wise weight-only quantisation (`MatMulNBits`, block 32,
   symmetric) with int8 compute (`accuracy_level` 4, AVX-512 VNNI);
+- `nbits8-fp32`: the same 8-bit weights computed in fp32 (`accuracy_level` 1: blocks dequantised, no activation
+  rounding), the most exact 8-bit scheme;
 - `nbits4-mixed`: 4-bit weights, the MLP down-projections at 8 bits;
 - `int8-smooth`: SmoothQuant (exporters/smooth.py) on a copy of the LLM, calibrated on held-out validation
   histories, exported in fp32 again, then `int8-dynamic`: the activations' outlier channels move into the weights
@@ -38,13 +40,14 @@ import onnx
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = ("int8-dynamic", "int8-dynamic-mixed", "nbits8", "nbits4", "nbits4-mixed", "int8-smooth",
+SCHEMES = ("int8-dynamic", "int8-dynamic-mixed", "nbits8", "nbits8-fp32", "nbits4", "nbits4-mixed", "int8-smooth",
            "int8-smooth-mixed")
 TORCH_SCHEMES = ("int8-smooth", "int8-smooth-mixed")  # from the torch model, through `smooth_encoder`
 CENTRE = "laser.center"  # the graph initializer that the pooled hidden state is centred by (Laser.encode)
 SENSITIVE = ("down_proj", "mlp/c_proj", "mlp/fc2", "dense_4h_to_h")  # MLP output projections, by architecture
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 compute
+FP32_ACCURACY_LEVEL = 1  # MatMulNBits: fp32 compute (the `-fp32` schemes)
 QUALITY_BAR = 0.98  # a variant is recommended only if >= 98% of held-out users keep their fp32 top-10 set
 
 
@@ -70,8 +73,9 @@ def quantize(directory: Path, scheme: str, source: str = "user_encoder.onnx", *,
     if scheme.startswith(("int8-dynamic", "int8-smooth")):
         _dynamic_int8(origin, source, target, mixed=scheme.endswith("mixed"), external=external)
     else:
-        bits = 8 if scheme == "nbits8" else 4
-        _nbits(origin / source, target, bits, mixed=scheme.endswith("mixed"), external=external)
+        bits = 8 if scheme.startswith("nbits8") else 4
+        level = FP32_ACCURACY_LEVEL if scheme.endswith("-fp32") else ACCURACY_LEVEL
+        _nbits(origin / source, target, bits, mixed=scheme.endswith("mixed"), external=external, accuracy_level=level)
     return target.name
 
 
@@ -118,17 +122,17 @@ def _dynamic_int8(directory: Path, source: str, target: Path, *, mixed: bool, ex
         _move_model(Path(save_dir) / f"{Path(source).stem}_q.onnx", target, external)
 
 
-def _nbits(source: Path, target: Path, bits: int, *, mixed: bool, external: bool) -> None:
+def _nbits(source: Path, target: Path, bits: int, *, mixed: bool, external: bool, accuracy_level: int) -> None:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     model = onnx.load(str(source))
     sensitive = sensitive_matmuls(model) if mixed else []
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True,
-                                     accuracy_level=ACCURACY_LEVEL, nodes_to_exclude=sensitive)
+                                     accuracy_level=accuracy_level, nodes_to_exclude=sensitive)
     quantizer.process()
     if sensitive:  # the excluded layers at 8 bits
         quantizer = MatMulNBitsQuantizer(quantizer.model.model, bits=8, block_size=BLOCK_SIZE, is_symmetric=True,
-                                         accuracy_level=ACCURACY_LEVEL, nodes_to_include=sensitive)
+                                         accuracy_level=accuracy_level, nodes_to_include=sensitive)
         quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=external)
 

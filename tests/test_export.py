@@ -164,7 +164,8 @@ def test_sasrec_only_run_exports_a_sasrec_artefact_set(laser_run, tmp_path):
 
 def test_quantised_variant_is_measured_against_fp32(laser_run, tmp_path):
     run, architecture = laser_run
-    schemes = ["nbits8", "int8-dynamic", *(["int8-smooth", "int8-smooth-mixed"] if architecture == "llama" else [])]
+    schemes = ["nbits8", "nbits8-fp32", "int8-dynamic",
+               *(["int8-smooth", "int8-smooth-mixed"] if architecture == "llama" else [])]
     manifest = export_run(run, tmp_path / "art", quantize=schemes, llm=_llm(architecture))
     variants = manifest["graphs"]["user_encoder"]["variants"]
     assert set(variants) == set(schemes)
@@ -185,6 +186,11 @@ def test_quantised_variant_is_measured_against_fp32(laser_run, tmp_path):
     assert variants["nbits8"]["quantized_layers"] == ops.count("MatMulNBits")
     if architecture == "llama":  # q, k, v, o, gate, up, down per layer; attention scores stay fp32 MatMuls
         assert ops.count("MatMulNBits") == 7 * 2 and "MatMul" in ops
+        levels = {scheme: {a.i for n in onnx.load(str(tmp_path / "art" / f"user_encoder.{scheme}.onnx")).graph.node
+                           if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+                  for scheme in ("nbits8", "nbits8-fp32")}
+        assert levels == {"nbits8": {4}, "nbits8-fp32": {1}}  # int8 compute vs fp32 compute, same 8-bit weights
+        assert variants["nbits8-fp32"]["mean_cosine"] >= variants["nbits8"]["mean_cosine"]
     else:  # GPT-2's Conv1D layers are Gemm nodes: not quantised, and the manifest says so
         assert ops.count("MatMulNBits") == 0
     fp32 = Embedder(tmp_path / "art", device="cpu")
