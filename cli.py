@@ -243,7 +243,7 @@ def export(
     dtype: Annotated[ExportDtype, typer.Option("--dtype", help="fp32, or fp16 graphs (for GPUs).")] = ExportDtype.fp32,
     quantize: Annotated[list[str] | None, typer.Option(
         "--quantize", help="Add quantised CPU variants of the user encoder: int8 (every scheme) or a scheme: "
-        "int8-dynamic, int8-dynamic-mixed, nbits8, nbits4, nbits4-mixed, int8-smooth, int8-smooth-mixed "
+        "int8-dynamic, int8-dynamic-mixed, nbits8, nbits8-fp32, nbits4, nbits4-mixed, int8-smooth, int8-smooth-mixed "
         "(Llama-family LLMs).")] = None,
     validate_users: Annotated[int, typer.Option("--validate-users", help="Held-out users for the end-to-end "
                                                 "check.")] = 256,
