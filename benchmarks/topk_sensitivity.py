@@ -10,8 +10,9 @@ run's SASRec:
 - `bf16`: Laser with the LLM's weights in bf16 (the eager-bf16 PyTorch scorer) against fp32: embedding cosine and
   top-10 agreement (same set; mean overlap = the share of the 10 items kept);
 - `weight_int8`: Laser with every linear layer of the LLM fake-quantised block-wise (symmetric 8-bit, blocks of 32
-  along the input dimension, as `MatMulNBits` stores them) and computed in fp32: the arithmetic of `nbits8` at an
-  fp32 `accuracy_level`, the most exact 8-bit scheme (int8 compute adds activation rounding on top); no centre
+  along the input dimension, as `MatMulNBits` lays them out; scale = block absmax / 127, ONNX Runtime's rounding
+  convention may differ by a step) and computed in fp32: `nbits8`'s arithmetic at an fp32 `accuracy_level`, the
+  most exact 8-bit scheme (int8 compute adds activation rounding on top); no centre
   re-calibration;
 - `noise`: each user embedding moved to cosine c from itself in a random direction (isotropic, 5 seeds), for c from
   0.99 to 0.999999: the top-10 agreement at each c, so a variant's measured cosine predicts its agreement, and
@@ -49,17 +50,20 @@ def perturbed(users: np.ndarray, cosine: float, rng: np.random.Generator) -> np.
     return np.linalg.norm(users, axis=1, keepdims=True) * (np.cos(angle) * unit + np.sin(angle) * noise)
 
 
-def fake_quantize_linear_weights(model, bits: int = 8, block: int = 32) -> None:
-    """Round every nn.Linear weight of `model` in place to symmetric `bits`-bit blocks of `block` input columns."""
+def fake_quantize_linear_weights(model, bits: int = 8, block: int = 32) -> dict:
+    """Round every nn.Linear weight of `model` in place to symmetric `bits`-bit blocks of `block` input columns
+    (scale = block absmax / (2**(bits-1) - 1)); returns {module: original weight} to put back."""
     import torch
 
     top = 2 ** (bits - 1) - 1
+    originals = {}
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
-            w = module.weight.data
+            w = originals[module] = module.weight.data
             blocks = w.reshape(w.shape[0], -1, block)
             scale = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-12) / top
             module.weight.data = ((blocks / scale).round().clamp(-top, top) * scale).reshape(w.shape)
+    return originals
 
 
 def sweep(users: np.ndarray, items: np.ndarray) -> dict:
@@ -110,10 +114,10 @@ def main() -> None:
     with torch.no_grad():
         model.llm.model.float()
         fp32 = encode_users(model, inputs, histories, batch_size=batch).numpy()
-        original = {k: v.clone() for k, v in model.llm.model.state_dict().items()}
-        fake_quantize_linear_weights(model.llm.model)
+        originals = fake_quantize_linear_weights(model.llm.model)
         weight_int8 = encode_users(model, inputs, histories, batch_size=batch).numpy()
-        model.llm.model.load_state_dict(original)
+        for module, weight in originals.items():
+            module.weight.data = weight
         model.llm.model.to(torch.bfloat16)
         bf16 = encode_users(model, inputs, histories, batch_size=batch).float().numpy()
         sasrec, _ = load_sasrec(args.run / SASREC_DIR)
