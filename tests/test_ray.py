@@ -1,6 +1,8 @@
 """The Ray engine on a local Ray cluster: the local engine's result, through a dead actor and a failed job."""
 
+import importlib
 import json
+import os
 import subprocess
 import sys
 
@@ -14,10 +16,14 @@ from laser_batch.cli import app
 from laser_batch.errors import EngineError, InputError
 from laser_batch.score import score_users
 
+# CI installs the dev extra, Ray included: there a missing Ray or a cluster that will not start fails the suite
+# instead of skipping it, so a green CI always means these tests ran. Elsewhere both skip.
+IN_CI = os.environ.get("CI") == "true"
+
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray = pytest.importorskip("ray")
+    ray = importlib.import_module("ray") if IN_CI else pytest.importorskip("ray")
     for attempt in range(3):  # Ray's raylet gives its agents 15 s to start, which a loaded machine can miss
         try:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -25,7 +31,8 @@ def ray_cluster():
         except Exception as e:
             ray.shutdown()
             if attempt == 2:
-                pytest.skip(f"Ray could not start a local cluster here (3 tries): {str(e).splitlines()[0]}")
+                (pytest.fail if IN_CI else pytest.skip)(
+                    f"Ray could not start a local cluster here (3 tries): {str(e).splitlines()[0]}")
     yield ray
     ray.shutdown()
 
