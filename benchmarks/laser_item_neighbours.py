@@ -65,10 +65,11 @@ def main() -> None:
     # SASRec's embedding table has a padding row 0, so index i is row i; the item matrix has no padding row
     table = load_file(args.sasrec / "model.safetensors")["item_embedding.weight"].astype(np.float32)
     matrices = {"sasrec": table[rows_for(args.sasrec, item_ids, first_row=1)]}
+    sources = {"sasrec": str(args.sasrec)}
     for spec in args.run:
         name, _, path = spec.partition("=")
         matrix = load_file(Path(path) / "item_matrix.safetensors")["item_matrix"].astype(np.float32)
-        matrices[name] = matrix[rows_for(Path(path), item_ids, first_row=0)]
+        matrices[name], sources[name] = matrix[rows_for(Path(path), item_ids, first_row=0)], path
 
     rng = np.random.default_rng(0)
     pairs = rng.integers(0, len(item_ids), size=(20000, 2))
@@ -80,7 +81,7 @@ def main() -> None:
             "genre_share@10": genre_share(near, genres),
             "overlap@10_with_sasrec": overlap(near, nearest["sasrec"]),
             "examples": {titles[i]: [titles[j] for j in near[i][:5]] for i in picks},
-            "source": str(args.sasrec if name == "sasrec" else dict(s.split("=", 1) for s in args.run)[name]),
+            "source": sources[name],
         }
     record.update(command=" ".join(["python", "benchmarks/laser_item_neighbours.py", *sys.argv[1:]]),
                   machine=machine())
