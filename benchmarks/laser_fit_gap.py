@@ -19,17 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from laser_ml100k import METRICS
 from sasrec_s3rec import machine
 
-from laser_batch.checkpoint import LASER_DIR, SASREC_DIR, load_laser, load_sasrec, read_run_info
-from laser_batch.config import TextConfig, from_dict
+from laser_batch.checkpoint import read_run_info
 from laser_batch.contracts import load_data_dir
-from laser_batch.encode import laser_inputs, laser_scorer
+from laser_batch.evaluate import _scorer  # the scorer `laser-batch evaluate` uses, for targets it has no split for
 from laser_batch.metrics import metrics_from_ranks, rank_targets
 from laser_batch.sequences import build_sequences, evenly_spread
-from laser_batch.train import sasrec_scores
-
-METRICS = ("HR@10", "NDCG@10", "MRR")
 
 
 def targets(seqs: list[np.ndarray], users: np.ndarray, rng: np.random.Generator) -> dict:
@@ -63,13 +60,8 @@ def main() -> None:
     users = evenly_spread(len(seqs), args.users)  # the users training validated on, when --users = valid_users
     cases = targets(seqs, users, np.random.default_rng(0))
 
-    laser, item_matrix, config = load_laser(args.run)
-    sequences.check_maps(args.run / LASER_DIR)
-    inputs = laser_inputs(laser.llm, dataset.items, sequences, from_dict(TextConfig, config["text"], "text"),
-                          laser.sasrec.config.max_len)
-    sasrec, _ = load_sasrec(args.run / SASREC_DIR)
-    scorers = {"laser": laser_scorer(laser, inputs, item_matrix, batch_size=config["laser"]["item_batch_size"]),
-               "sasrec": lambda batch: sasrec_scores(sasrec, batch)}
+    # histories only matter to the popularity scorer
+    scorers = {model: _scorer(model, args.run, sequences, [], dataset.items) for model in ("laser", "sasrec")}
     started = time.perf_counter()
     results = {model: {name: {k: v for k, v in metrics_from_ranks(rank_targets(score, h, t, batch_size=64)).items()
                               if k in METRICS} for name, (h, t) in cases.items()}
