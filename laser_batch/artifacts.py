@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from laser_batch.checkpoint import sha256_file
 from laser_batch.errors import ArtifactError
+from laser_batch.files import sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ interrupted run never leaves a directory that looks like a finished checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from laser_batch import __version__
 from laser_batch.config import SASRecConfig, from_dict
 from laser_batch.contracts import INTERACTIONS_FILE, ITEMS_FILE
 from laser_batch.errors import CheckpointError, InputError
+from laser_batch.files import sha256_file
 from laser_batch.sequences import ITEM_MAP_FILE, USER_MAP_FILE
 
 FORMAT_VERSION = 1
@@ -34,14 +34,6 @@ SASREC_DIR = "sasrec"
 LASER_DIR = "laser"
 ITEM_MATRIX_FILE = "item_matrix.safetensors"
 CHECKPOINT_FILES = (CONFIG_FILE, WEIGHTS_FILE, ITEM_MAP_FILE, USER_MAP_FILE)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_run_info(run_dir: Path, data_dir: Path) -> None:

@@ -11,12 +11,11 @@ A config file has one table per component:
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import tomllib
 
 from laser_batch.errors import ConfigError
 

@@ -26,6 +26,20 @@ def exclude_items(scores: np.ndarray, histories: Sequence[np.ndarray]) -> None:
     scores[rows, cols] = -np.inf
 
 
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The package's one top-K: (column indices (B, k), their scores (B, k)), best first, for scores (B, N).
+
+    k is capped at N. Equal scores keep the lower column first within the chosen set; which of several items tied
+    at the k-th score enters the set is `np.argpartition`'s choice. -inf scores (excluded items) sort last.
+    """
+    n = scores.shape[1]
+    k = min(k, n)
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(scores), 1))
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    rank = np.argsort(-part_scores, axis=1, kind="stable")
+    return np.take_along_axis(part, rank, axis=1), np.take_along_axis(part_scores, rank, axis=1)
+
+
 def target_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """1-based rank of each target among all items: scores (B, N), targets (B,) internal ids 1..N."""
     target_scores = scores[np.arange(len(targets)), targets - 1]

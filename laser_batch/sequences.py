@@ -108,3 +108,39 @@ def pad_left(seqs: list[np.ndarray], maxlen: int) -> np.ndarray:
         if len(tail):
             out[row, maxlen - len(tail):] = tail
     return out
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, *, max_tokens: int | None = None,
+                   rng: np.random.Generator | None = None, pool: int = 32) -> list[np.ndarray]:
+    """Batches of row indices in which sequences have similar lengths: the package's one length-batcher.
+
+    Without `rng` (inference): rows sorted by length (shortest first, ties in row order) and cut into batches of at
+    most `batch_size` rows and, with `max_tokens`, at most `max_tokens` padded tokens (rows x the longest length in
+    the batch; a row longer than `max_tokens` forms a batch alone).
+
+    With `rng` (training): rows are shuffled, cut into pools of `pool` batches, sorted by length inside each pool
+    and batched; the batches are then shuffled. Short batches are trimmed to their longest sequence, which saves
+    most of the attention work on padding, while every epoch still sees a fresh random order.
+    """
+    lengths = np.asarray(lengths)
+    if rng is not None:
+        order = rng.permutation(len(lengths))
+        batches = []
+        for start in range(0, len(order), batch_size * pool):
+            chunk = order[start:start + batch_size * pool]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+        return [batches[i] for i in rng.permutation(len(batches))]
+    order = np.argsort(lengths, kind="stable")
+    if max_tokens is None:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    sorted_lengths = np.maximum(lengths[order], 1)
+    out, start = [], 0
+    while start < len(order):
+        # Lengths grow along `order`: the first k candidates pad to the k-th one's length.
+        candidates = sorted_lengths[start:start + batch_size]
+        fits = np.arange(1, len(candidates) + 1) * candidates <= max_tokens  # True, ..., True, False, ...
+        count = len(candidates) if fits.all() else max(1, int(np.argmin(fits)))
+        out.append(order[start:start + count])
+        start += count
+    return out
