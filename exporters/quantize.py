@@ -46,11 +46,12 @@ from optimum.onnxruntime import ORTQuantizer
 from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
 from laser_batch.artifacts import ITEM_MATRIX, Embedder, session
-from laser_batch.encode import encode_users
+from laser_batch.encode import LaserInputs, encode_users
 from laser_batch.errors import InputError
 from laser_batch.exporters.smooth import activation_ranges, smooth, supports_smoothing
 from laser_batch.exporters.validate import TOP_K, HeldOut, agreement, compare
 from laser_batch.metrics import top_k
+from laser_batch.model import Laser
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,9 @@ def parse_schemes(quantize: list[str] | None) -> tuple[list[str], bool]:
     return schemes, every_scheme
 
 
-def add_variants(directory: Path, laser, schemes: list[str], *, every_scheme: bool,
-                 export_encoder: Callable[[object, Path], object], torch_inputs, calibration: list[np.ndarray],
-                 held_out: HeldOut, threads: int) -> dict:
+def add_variants(directory: Path, laser: Laser, schemes: list[str], *, every_scheme: bool,
+                 export_encoder: Callable[[Laser, Path], object], torch_inputs: LaserInputs,
+                 calibration: list[np.ndarray], held_out: HeldOut, threads: int) -> dict:
     """Write ARTIFACTS/user_encoder.<scheme>.onnx for each scheme, each measured against the fp32 graph.
 
     Args:
@@ -159,7 +160,8 @@ def quantize(directory: Path, scheme: str, source: str = "user_encoder.onnx", *,
     return target.name
 
 
-def smooth_encoder(scratch: Path, laser, export_encoder, calibrate) -> Path:
+def smooth_encoder(scratch: Path, laser: Laser, export_encoder: Callable[[Laser, Path], object],
+                   calibrate: Callable[[Laser], object]) -> Path:
     """Write scratch/user_encoder.onnx, the fp32 graph of a SmoothQuant-rescaled copy of the LLM; returns `scratch`.
 
     `export_encoder(laser, directory)` writes directory/user_encoder.onnx from a Laser model; `calibrate(laser)`
@@ -220,7 +222,8 @@ def _move_model(written: Path, target: Path, external: bool) -> None:
         shutil.move(str(written), target)
 
 
-def correct_centre(embedder, scheme_file: str, calibration: list[np.ndarray], *, batch_size: int = 16) -> dict | None:
+def correct_centre(embedder: Embedder, scheme_file: str, calibration: list[np.ndarray], *,
+                   batch_size: int = 16) -> dict | None:
     """Re-calibrate the centre of ARTIFACTS/`scheme_file` so that its pooled states are centred like fp32's.
 
     new centre = fp32 centre + mean over `calibration` of (variant pooled state - fp32 pooled state); written into
@@ -283,8 +286,8 @@ def _pooled_states(model: onnx.ModelProto, pooled: str, batches: list[dict], scr
     return np.concatenate([sess.run([pooled], feeds)[0] for feeds in batches]).astype(np.float64)
 
 
-def measure(embedder, scheme_file: str, histories: list[np.ndarray], targets: np.ndarray, item_matrix: np.ndarray,
-            *, batch_size: int = 16, repeats: int = 2) -> dict:
+def measure(embedder: Embedder, scheme_file: str, histories: list[np.ndarray], targets: np.ndarray,
+            item_matrix: np.ndarray, *, batch_size: int = 16, repeats: int = 2) -> dict:
     """A variant of the user encoder vs the fp32 one on the same inputs: embeddings, top-10, Recall@10, speed."""
     variant = session(Path(embedder.directory) / scheme_file, ["CPUExecutionProvider"], threads=embedder.threads)
     batches = [embedder.feeds(histories[i:i + batch_size]) for i in range(0, len(histories), batch_size)]
