@@ -9,17 +9,26 @@ custom modules, so each gets a small wrapper, a `PartConfig` with the sizes the 
 - `mformer.onnx`: id_vectors (B, N, d_id) + id_mask (B, N) int64 -> prefix (B, L, d_llm) + expert (B,) int64;
 - `user_encoder.onnx`: [prefix (B, L, d_llm)] + input_ids (B, T) + attention_mask (B, T) -> embedding (B, d_llm),
   the token lookup, the frozen LLM, the suffix, centering and L2 normalisation inside the graph.
+
+`export_part` exports one of them with Optimum and validates the graph (exporters/validate.py).
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
-from optimum.exporters.onnx import OnnxConfig
+from optimum.exporters.onnx import OnnxConfig, export
 from optimum.utils import DummyInputGenerator, NormalizedConfig
 from torch import nn
 from transformers import PretrainedConfig
+
+from laser_batch.exporters.validate import validate_part
+
+logger = logging.getLogger(__name__)
 
 OPSET = 18
 TRACE_SHAPES = {"batch_size": 2, "sequence_length": 16}  # the export's example shapes; validation uses others
@@ -147,3 +156,28 @@ class UserEncoderPart(nn.Module):
         if not self.takes_prefix:
             prefix, _ = self.laser.make_prefix(input_ids, input_ids.shape[0])
         return {"embedding": self.laser.encode(prefix, input_ids, attention_mask)}
+
+
+def export_part(name: str, part: nn.Module, config_class: type[OnnxConfig], directory: Path, *,
+                inputs: list[str] | None = None) -> dict:
+    """Write DIRECTORY/NAME.onnx from `part` with Optimum and validate it; returns its manifest record.
+
+    Args:
+        name: the graph's name (its file is NAME.onnx).
+        part: one of the wrappers above, carrying its `PartConfig` as `.config`.
+        config_class: the part's `OnnxConfig`.
+        directory: where the graph is written.
+        inputs: the inputs to keep (the user encoder without a prefix input), or None for all of them.
+
+    Raises:
+        ArtifactError: the graph does not match torch (exporters/validate.py).
+    """
+    onnx_config = config_class(part.config, inputs=inputs)
+    path = directory / f"{name}.onnx"
+    started = time.perf_counter()
+    export(part, onnx_config, path, opset=OPSET, input_shapes=dict(TRACE_SHAPES))
+    seconds = time.perf_counter() - started
+    parity = validate_part(name, part, onnx_config, path)
+    logger.info("%s.onnx: exported in %.1f s; %s", name, seconds, parity)
+    return {"file": path.name, "inputs": onnx_config.inputs, "outputs": onnx_config.outputs,
+            "trace_shapes": dict(TRACE_SHAPES), "export_seconds": round(seconds, 2), "parity": parity}

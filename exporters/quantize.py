@@ -25,18 +25,33 @@ centre + mean(quantised - fp32 pooled state) over the calibration histories remo
 
 Only MatMul layers are quantised: GPT-2's Conv1D layers export as Gemm and stay fp32 (`quantized_layers`
 in the manifest says how many layers a variant really quantised).
+
+`add_variants` is the export's one entry: it makes, corrects, measures and records every scheme asked for.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
+from optimum.onnxruntime import ORTQuantizer
+from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+from laser_batch.artifacts import ITEM_MATRIX, Embedder, session
+from laser_batch.encode import LaserInputs, encode_users
+from laser_batch.errors import InputError
+from laser_batch.exporters.smooth import activation_ranges, smooth, supports_smoothing
+from laser_batch.exporters.validate import TOP_K, HeldOut, agreement, compare
+from laser_batch.metrics import top_k
+from laser_batch.model import Laser
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +64,72 @@ BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 compute
 FP32_ACCURACY_LEVEL = 1  # MatMulNBits: fp32 compute (the `-fp32` schemes)
 QUALITY_BAR = 0.98  # a variant is recommended only if >= 98% of held-out users keep their fp32 top-10 set
+CALIBRATION_USERS = 64  # validation histories whose activation ranges calibrate SmoothQuant (int8-smooth)
+
+
+def parse_schemes(quantize: list[str] | None) -> tuple[list[str], bool]:
+    """The schemes `--quantize` asks for, in order, and whether it asked for every one ("int8").
+
+    Raises:
+        InputError: an unknown scheme.
+    """
+    every_scheme = bool(quantize and "int8" in quantize)
+    schemes = list(SCHEMES) if every_scheme else list(dict.fromkeys(quantize or []))
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        raise InputError(f"--quantize {unknown[0]!r}: choose int8 (every scheme) or one of {', '.join(SCHEMES)}")
+    return schemes, every_scheme
+
+
+def add_variants(directory: Path, laser: Laser, schemes: list[str], *, every_scheme: bool,
+                 export_encoder: Callable[[Laser, Path], object], torch_inputs: LaserInputs,
+                 calibration: list[np.ndarray], held_out: HeldOut, threads: int) -> dict:
+    """Write ARTIFACTS/user_encoder.<scheme>.onnx for each scheme, each measured against the fp32 graph.
+
+    Args:
+        directory: the artefact directory, its fp32 graphs and manifest written.
+        laser: the exported Laser model (fp32); the SmoothQuant schemes rescale a copy of it.
+        schemes: from `parse_schemes`.
+        every_scheme: "int8" asked for every scheme: one this LLM cannot take is recorded as skipped, not refused.
+        export_encoder: `export_encoder(laser, where)` writes where/user_encoder.onnx from a Laser model.
+        torch_inputs: the torch model's item inputs (`laser_batch.encode.laser_inputs`), for calibration.
+        calibration: validation histories that calibrate SmoothQuant and the centre correction.
+        held_out: the test-split users every variant is measured on.
+        threads: ONNX Runtime threads for the measurements (0: its default).
+
+    Returns:
+        {"variants": {scheme: record}, "recommended_cpu_variant": the fastest scheme that meets `QUALITY_BAR`,
+        or None}, for the user encoder's manifest entry.
+
+    Raises:
+        InputError: a SmoothQuant scheme asked for by name, for an LLM outside the Llama family.
+    """
+    embedder = Embedder(directory, device="cpu", threads=threads, verify=False)  # hashed just now
+    item_matrix = np.load(directory / ITEM_MATRIX)
+    model_type = laser.llm.model.config.model_type
+    variants: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:  # gone before the manifest lists the files
+        smoothed = None  # the SmoothQuant fp32 graph, made once for every TORCH_SCHEMES variant
+        for scheme in schemes:
+            started = time.perf_counter()
+            if scheme in TORCH_SCHEMES and not supports_smoothing(laser.llm.model):
+                if not every_scheme:
+                    raise InputError(f"--quantize {scheme}: needs a Llama-family LLM (q/k/v/o, gate/up/down "
+                                     f"projections, RMSNorm); {model_type} is not")
+                variants[scheme] = {"skipped": f"not a Llama-family LLM ({model_type})"}
+                continue
+            if scheme in TORCH_SCHEMES and smoothed is None:
+                smoothed = smooth_encoder(Path(scratch), laser, export_encoder,
+                                          lambda model: encode_users(model, torch_inputs, calibration, batch_size=16))
+            file = quantize(directory, scheme, smoothed=smoothed)
+            correction = correct_centre(embedder, file, calibration)
+            variants[scheme] = {"file": file, "quantize_seconds": round(time.perf_counter() - started, 2),
+                                **({"centre_correction": correction} if correction else {}),
+                                **measure(embedder, file, held_out.histories, held_out.targets, item_matrix)}
+            logger.info("%s: %s", scheme, variants[scheme])
+    passing = [s for s, v in variants.items() if v.get("top10_vs_fp32", {}).get("same_set", 0) >= QUALITY_BAR]
+    return {"variants": variants,
+            "recommended_cpu_variant": max(passing, key=lambda s: variants[s]["speedup_vs_fp32"], default=None)}
 
 
 def variant_file(scheme: str) -> str:
@@ -79,17 +160,14 @@ def quantize(directory: Path, scheme: str, source: str = "user_encoder.onnx", *,
     return target.name
 
 
-def smooth_encoder(scratch: Path, laser, export_encoder, calibrate) -> Path:
+def smooth_encoder(scratch: Path, laser: Laser, export_encoder: Callable[[Laser, Path], object],
+                   calibrate: Callable[[Laser], object]) -> Path:
     """Write scratch/user_encoder.onnx, the fp32 graph of a SmoothQuant-rescaled copy of the LLM; returns `scratch`.
 
     `export_encoder(laser, directory)` writes directory/user_encoder.onnx from a Laser model; `calibrate(laser)`
     runs that model's user path on the calibration histories. `laser` itself is not changed. Every
     `TORCH_SCHEMES` variant quantises this one graph.
     """
-    import copy
-
-    from laser_batch.exporters.smooth import activation_ranges, smooth
-
     smoothed = copy.deepcopy(laser)
     ranges = activation_ranges(smoothed.llm.model, lambda: calibrate(smoothed))
     smooth(smoothed.llm.model, ranges)
@@ -108,9 +186,6 @@ def sensitive_matmuls(model: onnx.ModelProto) -> list[str]:
 
 
 def _dynamic_int8(directory: Path, source: str, target: Path, *, mixed: bool, external: bool) -> None:
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
     model = onnx.load(str(directory / source), load_external_data=False)
     exclude = set(sensitive_matmuls(model)) if mixed else set()
     config = AutoQuantizationConfig.avx512_vnni(
@@ -123,7 +198,9 @@ def _dynamic_int8(directory: Path, source: str, target: Path, *, mixed: bool, ex
 
 
 def _nbits(source: Path, target: Path, bits: int, *, mixed: bool, external: bool, accuracy_level: int) -> None:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    # The one import not at module top: importing this module runs logging.basicConfig(level=INFO) on the root
+    # logger, which would print every export's log lines twice. ONNX Runtime imports it inside a function too.
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: PLC0415
 
     model = onnx.load(str(source))
     sensitive = sensitive_matmuls(model) if mixed else []
@@ -145,7 +222,8 @@ def _move_model(written: Path, target: Path, external: bool) -> None:
         shutil.move(str(written), target)
 
 
-def correct_centre(embedder, scheme_file: str, calibration: list[np.ndarray], *, batch_size: int = 16) -> dict | None:
+def correct_centre(embedder: Embedder, scheme_file: str, calibration: list[np.ndarray], *,
+                   batch_size: int = 16) -> dict | None:
     """Re-calibrate the centre of ARTIFACTS/`scheme_file` so that its pooled states are centred like fp32's.
 
     new centre = fp32 centre + mean over `calibration` of (variant pooled state - fp32 pooled state); written into
@@ -167,11 +245,9 @@ def correct_centre(embedder, scheme_file: str, calibration: list[np.ndarray], *,
         raw_fp32 = _pooled_states(reference, _centred_input(reference), batches, scratch / "fp32.onnx",
                                   embedder.threads)
         raw_variant = _pooled_states(variant, pooled, batches, scratch / "variant.onnx", embedder.threads)
-    from laser_batch.exporters.export import _compare
-
     shift = (raw_variant - raw_fp32).mean(0)
-    before = _compare(raw_fp32 - centre, raw_variant - _initializer(variant, CENTRE))["mean_cosine"]
-    after = _compare(raw_fp32 - centre, raw_variant - (centre + shift))["mean_cosine"]
+    before = compare(raw_fp32 - centre, raw_variant - _initializer(variant, CENTRE))["mean_cosine"]
+    after = compare(raw_fp32 - centre, raw_variant - (centre + shift))["mean_cosine"]
     record = {"calibration_users": len(calibration), "shift_norm": float(np.linalg.norm(shift)),
               "centre_norm": float(np.linalg.norm(centre)), "calibration_cosine_before": before,
               "calibration_cosine_after": after, "applied": after > before}
@@ -188,14 +264,10 @@ def _centred_input(model: onnx.ModelProto) -> str | None:
 
 
 def _initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
-    from onnx import numpy_helper
-
     return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == name)).astype(np.float32)
 
 
 def _set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
-    from onnx import numpy_helper
-
     tensor = next(i for i in model.graph.initializer if i.name == name)
     tensor.CopyFrom(numpy_helper.from_array(value, name))
 
@@ -205,8 +277,6 @@ def _pooled_states(model: onnx.ModelProto, pooled: str, batches: list[dict], scr
 
     A copy, because saving with external data moves the weights out of the proto it saves.
     """
-    from laser_batch.artifacts import session
-
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     copy.graph.output.append(onnx.helper.make_tensor_value_info(pooled, onnx.TensorProto.FLOAT, None))
@@ -216,12 +286,9 @@ def _pooled_states(model: onnx.ModelProto, pooled: str, batches: list[dict], scr
     return np.concatenate([sess.run([pooled], feeds)[0] for feeds in batches]).astype(np.float64)
 
 
-def measure(embedder, scheme_file: str, histories: list[np.ndarray], targets: np.ndarray, item_matrix: np.ndarray,
-            *, batch_size: int = 16, repeats: int = 2) -> dict:
+def measure(embedder: Embedder, scheme_file: str, histories: list[np.ndarray], targets: np.ndarray,
+            item_matrix: np.ndarray, *, batch_size: int = 16, repeats: int = 2) -> dict:
     """A variant of the user encoder vs the fp32 one on the same inputs: embeddings, top-10, Recall@10, speed."""
-    from laser_batch.artifacts import session
-    from laser_batch.exporters.export import _compare, agreement, top_k
-
     variant = session(Path(embedder.directory) / scheme_file, ["CPUExecutionProvider"], threads=embedder.threads)
     batches = [embedder.feeds(histories[i:i + batch_size]) for i in range(0, len(histories), batch_size)]
 
@@ -235,15 +302,13 @@ def measure(embedder, scheme_file: str, histories: list[np.ndarray], targets: np
 
     reference, fp32_seconds = run(embedder.user_encoder)
     got, seconds = run(variant)
-    top_ref, top_got = top_k(reference, item_matrix), top_k(got, item_matrix)
+    top_ref, top_got = top_k(reference @ item_matrix.T, TOP_K)[0], top_k(got @ item_matrix.T, TOP_K)[0]
     hits = lambda top: float((top == (targets - 1)[:, None]).any(1).mean())  # noqa: E731
-    import onnx as _onnx
-
-    nodes = _onnx.load(str(Path(embedder.directory) / scheme_file), load_external_data=False).graph.node
+    nodes = onnx.load(str(Path(embedder.directory) / scheme_file), load_external_data=False).graph.node
     quantized = sum(n.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul") for n in nodes)
     return {
         "quantized_layers": quantized,
-        **_compare(reference, got), "top10_vs_fp32": agreement(top_ref, top_got),
+        **compare(reference, got), "top10_vs_fp32": agreement(top_ref, top_got),
         "recall@10": hits(top_got), "recall@10_fp32": hits(top_ref), "recall@10_change": hits(top_got) - hits(top_ref),
         "users_per_second": round(len(histories) / seconds, 2),
         "fp32_users_per_second": round(len(histories) / fp32_seconds, 2),

@@ -13,8 +13,9 @@ from laser_batch.checkpoint import load_laser
 from laser_batch.config import LLMConfig
 from laser_batch.encode import encode_users, laser_inputs
 from laser_batch.errors import ArtifactError, CheckpointError, InputError
-from laser_batch.exporters.export import VALIDATION_SHAPES, export_run
+from laser_batch.exporters.export import export_run
 from laser_batch.exporters.parts import TRACE_SHAPES
+from laser_batch.exporters.validate import VALIDATION_SHAPES
 from laser_batch.llm import build_tiny_llm, load_llm
 from laser_batch.sequences import build_sequences
 from laser_batch.train import train_sasrec
@@ -37,15 +38,21 @@ def laser_run(request, tmp_path_factory):
     return root / "run", request.param
 
 
-def _held_out_and_torch_users(run, architecture, count):
-    """Test-split histories of the run's data, and their embeddings by the torch model."""
+def _run_data(run):
+    """The run's data set and its sequences."""
     from laser_batch.checkpoint import read_run_info
-    from laser_batch.config import TextConfig
     from laser_batch.contracts import load_data_dir
 
-    model, _, config = load_laser(run, llm=_llm(architecture))
     dataset = load_data_dir(read_run_info(run)["data_dir"])
-    sequences = build_sequences(dataset.interactions)
+    return dataset, build_sequences(dataset.interactions)
+
+
+def _held_out_and_torch_users(run, architecture, count):
+    """Test-split histories of the run's data, and their embeddings by the torch model."""
+    from laser_batch.config import TextConfig
+
+    model, _, config = load_laser(run, llm=_llm(architecture))
+    dataset, sequences = _run_data(run)
     histories = sequences.split("test")[0][:count]
     inputs = laser_inputs(model.llm, dataset.items, sequences, TextConfig(**config["text"]),
                           model.sasrec.config.max_len)
@@ -120,10 +127,10 @@ def test_existing_output_is_refused_and_replaced_only_with_overwrite(laser_run, 
 
 
 def test_a_failed_validation_is_an_error_and_leaves_nothing(laser_run, tmp_path, monkeypatch):
-    import laser_batch.exporters.export as ex
+    import laser_batch.exporters.validate as validate
 
     run, architecture = laser_run
-    monkeypatch.setitem(ex.TOLERANCE, "min_cosine", 1.5)  # impossible
+    monkeypatch.setitem(validate.TOLERANCE, "min_cosine", 1.5)  # impossible
     with pytest.raises(ArtifactError, match="differs from torch"):
         export_run(run, tmp_path / "art", llm=_llm(architecture))
     assert list(tmp_path.iterdir()) == []
@@ -217,15 +224,15 @@ def test_centre_correction_removes_a_constant_shift_of_the_pooled_state(laser_ru
     from onnx import helper, numpy_helper
 
     from laser_batch.artifacts import session
-    from laser_batch.exporters.export import _held_out_histories
     from laser_batch.exporters.quantize import CENTRE, correct_centre
+    from laser_batch.exporters.validate import sample
 
     run, architecture = laser_run
     export_run(run, tmp_path / "art", llm=_llm(architecture))
     model = onnx.load(str(tmp_path / "art" / "user_encoder.onnx"))
     centring = [n for n in model.graph.node if n.op_type == "Sub" and n.input[1] == CENTRE]
     fp32 = Embedder(tmp_path / "art", device="cpu")
-    histories = _held_out_histories(run, 20)
+    histories = sample(*_run_data(run)[1].split("test"), 20)[0]  # held-out users, spread as the export's are
     calibration, held_out = histories[:12], histories[12:]
     if architecture == "gpt2":  # the fixture trains it without centring: nothing to correct
         assert not centring and correct_centre(fp32, "user_encoder.onnx", calibration) is None
