@@ -143,6 +143,7 @@ def open_out(fs, root: str, shown: str, job: dict, *, resume: bool, keep_finishe
 
 
 def check_rows(rows: int, users: object) -> None:
+    """Refuse an input without rows (`users`: INPUT as given, for the message)."""
     if rows == 0:
         raise InputError(f"{users}: no rows, nothing to score")
 

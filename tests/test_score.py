@@ -179,24 +179,6 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(artifacts, tmp_path, ma
     assert not (tmp_path / "out" / "_SUCCESS").exists() and not list(tmp_path.glob("out/part-*"))
 
 
-def test_out_dir_and_artefact_errors(artifacts, tmp_path):
-    path = _write(_users(artifacts, 5), tmp_path / "users.parquet")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "x").write_text("something")
-    with pytest.raises(InputError, match="not empty; pass --resume"):
-        score_users(path, artifacts / "laser_art", tmp_path / "out")
-    score_users(path, artifacts / "laser_art", tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "x").exists()
-    broken = tmp_path / "art"
-    shutil.copytree(artifacts / "laser_art", broken)
-    (broken / "sasrec.onnx").write_bytes(b"x" + (broken / "sasrec.onnx").read_bytes()[1:])
-    with pytest.raises(ArtifactError, match="sasrec.onnx: checksum does not match"):
-        score_users(path, broken, tmp_path / "out2")
-    (broken / "item_matrix.npy").unlink()
-    with pytest.raises(ArtifactError, match="listed in the manifest but missing"):
-        Recommender(broken)
-
-
 def test_device_cuda_without_a_gpu_is_an_error(artifacts):
     import onnxruntime as ort
 

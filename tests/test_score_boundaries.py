@@ -16,7 +16,7 @@ from laser_batch.artifacts import MANIFEST, load_manifest, manifest_sha256
 from laser_batch.cli import app
 from laser_batch.errors import ArtifactError, InputError
 from laser_batch.files import sha256_file
-from laser_batch.score import score_users
+from laser_batch.score import Recommender, score_users
 
 
 def _write(df, path):
@@ -53,6 +53,24 @@ def test_a_user_with_no_eligible_item_is_rejected_and_not_counted_as_scored(arti
     # With the history included every item is eligible again.
     included = score_users(path, art, tmp_path / "included", top_k=5, include_history=True)
     assert included["users_scored"] == 3 and included["users_rejected"]["no eligible items"] == 0
+
+
+def test_out_dir_and_artefact_errors(artifacts, tmp_path):  # noqa: F811
+    path = _write(_users(artifacts, 5), tmp_path / "users.parquet")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("something")
+    with pytest.raises(InputError, match="not empty; pass --resume"):
+        score_users(path, artifacts / "laser_art", tmp_path / "out")
+    score_users(path, artifacts / "laser_art", tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "x").exists()
+    broken = tmp_path / "art"
+    shutil.copytree(artifacts / "laser_art", broken)
+    (broken / "sasrec.onnx").write_bytes(b"x" + (broken / "sasrec.onnx").read_bytes()[1:])
+    with pytest.raises(ArtifactError, match="sasrec.onnx: checksum does not match"):
+        score_users(path, broken, tmp_path / "out2")
+    (broken / "item_matrix.npy").unlink()
+    with pytest.raises(ArtifactError, match="listed in the manifest but missing"):
+        Recommender(broken)
 
 
 def test_out_naming_a_file_is_one_line_before_any_model_work(artifacts, tmp_path):  # noqa: F811
