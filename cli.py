@@ -298,6 +298,9 @@ def score(
     show: Annotated[int, typer.Option("--show", help="Print the top 5 of this many users when done.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted job in OUT.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the contents of OUT.")] = False,
+    expect_manifest_sha256: Annotated[str | None, typer.Option(
+        "--expect-manifest-sha256", help="Refuse artefacts whose manifest.json has another sha256 (pins the exact "
+        "model a job may use; the summary's manifest_sha256 names it).")] = None,
     engine: Annotated[Engine, typer.Option("--engine", help="local (this process) or ray (Ray Data on a cluster; "
                                            "needs laser-batch[ray]; paths may then be URIs).")] = Engine.local,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray: the cluster (auto, "
@@ -322,7 +325,7 @@ def score(
         summary = score_users(users, model, out, interactions=interactions, top_k=top_k, batch_size=batch_size,
                               max_batch_tokens=max_batch_tokens, device=device.value, threads=threads,
                               include_history=include_history, variant=variant, chunk_size=chunk_size, resume=resume,
-                              overwrite=overwrite)
+                              overwrite=overwrite, expect_manifest_sha256=expect_manifest_sha256)
     rejected = sum(summary["users_rejected"].values())
     typer.echo(f"{out}: {summary['users_scored']} users scored, {rejected} rejected, "
                f"{summary['users_per_second']} users/s on {summary['provider']}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +42,29 @@ def manifest_sha256(directory: Path) -> str:
     return sha256_file(Path(directory) / MANIFEST)
 
 
-def load_manifest(directory: Path, *, verify: bool = True) -> dict:
-    """Read ARTIFACTS/manifest.json and (by default) check every listed file's size and sha256.
+def check_manifest_sha256(directory: Path, expected: str) -> None:
+    """Refuse artefacts whose manifest.json is not the pinned one (`--expect-manifest-sha256`).
 
     Raises:
-        ArtifactError: no such directory, no or unreadable manifest, a missing file or a checksum mismatch.
+        ArtifactError: no manifest (as `load_manifest` says it), or its sha256 is not `expected`.
+    """
+    load_manifest(directory, verify=False, check_graphs=False)
+    actual = manifest_sha256(directory)
+    if actual != expected.lower():
+        raise ArtifactError(f"{Path(directory) / MANIFEST}: sha256 {actual}, but --expect-manifest-sha256 is "
+                            f"{expected}; these are not the pinned artefacts")
+
+
+def load_manifest(directory: Path, *, verify: bool = True, check_graphs: bool = True) -> dict:
+    """Read ARTIFACTS/manifest.json and (by default) check every listed file's size and sha256.
+
+    Every file the manifest names (its files, its graphs and their quantised variants) must be a plain name inside
+    the directory, and (`check_graphs`) every ONNX graph's external-data references must stay inside it too:
+    a manifest written by someone else cannot make the job read, or hash, files elsewhere.
+
+    Raises:
+        ArtifactError: no such directory, no or unreadable manifest, a name that leaves the directory, a missing
+            file or a checksum mismatch.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -61,6 +79,10 @@ def load_manifest(directory: Path, *, verify: bool = True) -> dict:
     if manifest.get("manifest_version") != MANIFEST_VERSION:
         raise ArtifactError(f"{path}: manifest version {manifest.get('manifest_version')!r}, "
                             f"this laser-batch reads version {MANIFEST_VERSION}; export again")
+    graphs = _graph_files(manifest)
+    for name in [*manifest["files"], *graphs]:
+        if not _plain_name(name):
+            raise ArtifactError(f"{path}: file name {name!r} is not a plain name inside the artefact directory")
     if verify:
         for name, record in manifest["files"].items():
             file = directory / name
@@ -68,7 +90,59 @@ def load_manifest(directory: Path, *, verify: bool = True) -> dict:
                 raise ArtifactError(f"{file}: listed in the manifest but missing")
             if file.stat().st_size != record["bytes"] or sha256_file(file) != record["sha256"]:
                 raise ArtifactError(f"{file}: checksum does not match the manifest (modified or corrupted)")
+    if check_graphs:
+        for name in graphs:
+            _check_external_data(directory, name)
     return manifest
+
+
+def _graph_files(manifest: dict) -> list[str]:
+    """The file names of the manifest's graphs and of their quantised variants (skipped variants have none)."""
+    names = []
+    for graph in manifest.get("graphs", {}).values():
+        names.append(graph["file"])
+        names.extend(v["file"] for v in graph.get("variants", {}).values() if "file" in v)
+    return names
+
+
+def _plain_name(name: object) -> bool:
+    """A file name with no directory part: no separator, not "", "." or "..", not absolute (on any OS)."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and ":" not in name)
+
+
+def _check_external_data(directory: Path, name: str) -> None:
+    """Refuse a graph whose tensors keep their data in a file outside `directory` (ONNX Runtime would read it)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    file = directory / name
+    if not file.is_file():
+        raise ArtifactError(f"{file}: listed in the manifest but missing")
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except Exception as e:
+        raise ArtifactError(f"{file}: not a readable ONNX graph ({str(e).splitlines()[0]})") from e
+    for tensor in _tensors(model.graph):
+        if uses_external_data(tensor):
+            location = ExternalDataInfo(tensor).location
+            if not _plain_name(location):
+                raise ArtifactError(f"{file}: external data location {location!r} is not a plain name inside the "
+                                    "artefact directory")
+
+
+def _tensors(graph) -> Iterator:
+    """Every tensor of an ONNX graph that can hold external data: initializers and attribute tensors, subgraphs too."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            if attribute.HasField("g"):
+                yield from _tensors(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _tensors(subgraph)
 
 
 def providers(device: str = "auto") -> list[str]:

@@ -1,18 +1,22 @@
-"""The scoring job's input, for both engines: which Parquet files INPUT names and whether their schema fits.
+"""The scoring job's input, for both engines: which Parquet files INPUT names, whether their schema fits, how many
+rows they hold, which users are duplicated, and interaction rows grouped into users.
 
 INPUT is a local path or a pyarrow-filesystem URI (s3://bucket/dir, gs://..., file:///dir): one Parquet file, or a
 directory whose `*.parquet` files are read in name order as one table (names starting with "." or "_", such as
-temporary or marker files, are skipped; subdirectories are not read). Only the Parquet footers are read here.
+temporary or marker files, are skipped; subdirectories are not read). The listing and the schema checks read only
+the Parquet footers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from laser_batch.contracts import first_line
 from laser_batch.errors import InputError
+from laser_batch.files import atomic_write
 
 USERS_COLUMNS = ("user_id", "history")
 INTERACTIONS_COLUMNS = ("user_id", "item_id", "timestamp")
@@ -112,3 +116,61 @@ def _file_schema(fs, path: str, item_dtype: pl.DataType | None, *, interactions:
         raise InputError(f"{path}: column '{column}' holds {item} item ids, but the model's item ids are "
                          f"{item_dtype}")
     return schema
+
+
+def row_count(fs, files: list[str]) -> int:
+    """Rows of INPUT, from the Parquet footers."""
+    import pyarrow.parquet as pq
+
+    return int(sum(pq.ParquetFile(path, filesystem=fs).metadata.num_rows for path in files))
+
+
+def duplicated_users(fs, files: list[str]) -> tuple[int, pl.DataFrame]:
+    """(input rows, rows of duplicated users: `_pos` (input order), user_id, history), from the user_id column.
+
+    A 64-bit hash per row finds the candidates (8 bytes per row in memory); the few candidate rows are read back in
+    full and compared by their real ids (nulls are not duplicates).
+    """
+    import pyarrow.parquet as pq
+
+    hashes, sizes = [], []
+    for path in files:
+        metadata = pq.ParquetFile(path, filesystem=fs)
+        sizes.append(metadata.metadata.num_rows)
+        for batch in metadata.iter_batches(columns=["user_id"], batch_size=1 << 20):
+            hashes.append(pl.from_arrow(batch.column(0)).hash(seed=0).to_numpy())
+    rows = int(sum(sizes))
+    hashes = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.uint64)
+    order = np.argsort(hashes, kind="stable")
+    same = hashes[order][1:] == hashes[order][:-1]
+    candidates = np.unique(np.concatenate([order[1:][same], order[:-1][same]]))
+    if not len(candidates):
+        return rows, pl.DataFrame()
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    picked = []
+    for k, path in enumerate(files):
+        local = candidates[(candidates >= offsets[k]) & (candidates < offsets[k + 1])] - offsets[k]
+        if len(local):
+            table = pq.read_table(path, filesystem=fs, columns=["user_id", "history"]).take(local)
+            picked.append(pl.from_arrow(table).with_columns(_pos=pl.Series(local + offsets[k])))
+    found = pl.concat(picked).filter(pl.col("user_id").is_not_null())
+    return rows, found.filter(pl.col("user_id").is_duplicated()).sort("_pos")
+
+
+def group_interactions(fs, files: list[str], target: str, *, out_fs=None) -> None:
+    """user_id, item_id, timestamp rows -> `target` (on `out_fs`, written atomically): user_id, history oldest first.
+
+    Ties in time keep the input order, so both engines score the same histories. Polars streams local files; other
+    filesystems are read through a pyarrow dataset.
+    """
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        rows = pl.scan_parquet(files)
+    else:
+        import pyarrow.dataset as ds
+
+        rows = pl.scan_pyarrow_dataset(ds.dataset(files, filesystem=fs))
+    grouped = (rows.with_row_index("_order").sort("user_id", "timestamp", "_order", nulls_last=True)
+               .group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("history")))
+    atomic_write(target, grouped.sink_parquet, fs=out_fs)

@@ -34,21 +34,33 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 
-from laser_batch import errors
-from laser_batch.artifacts import ITEM_IDS, MANIFEST, manifest_sha256
+from laser_batch import errors, job
+from laser_batch.artifacts import ITEM_IDS, MANIFEST, check_manifest_sha256, load_manifest, manifest_sha256
 from laser_batch.contracts import first_line
 from laser_batch.errors import EngineError, InputError, LaserBatchError
-from laser_batch.inputs import check_users_schema, filesystem, list_input
-from laser_batch.score import DEFAULT_CHUNK, JOB_FILE, REJECT_REASONS, SUCCESS, Recommender
+from laser_batch.files import atomic_write
+from laser_batch.inputs import (
+    check_users_schema,
+    duplicated_users,
+    filesystem,
+    group_interactions,
+    list_input,
+    row_count,
+)
+from laser_batch.job import JobOptions
+from laser_batch.score import Recommender
 
 logger = logging.getLogger(__name__)
 MAX_ACTOR_RESTARTS = 3  # per scorer actor (and retries per batch) before the job fails
 
 STAGING = "_temporary"
 RAY_EXTRA = "pip install 'laser-batch[ray]'"
+# Tests only: {"marker": path, "mode": "exit" | "raise", "always": bool} makes the first batch that creates the
+# marker file (every batch with "always") die (os._exit) or raise after writing its part file. Read on the driver
+# when a job starts and handed to its actors.
+_FAULT: dict | None = None
 
 
 def _import_ray():
@@ -117,11 +129,11 @@ class _Scorer:
             users = users.filter(~(pl.col("user_id").is_in(self.drop.implode()).fill_null(False)))
         recs, rejects, stats = self.recommender.recommend(users)
         name = uuid.uuid4().hex
-        _write(self.fs, recs, f"{self.staging}/part-{name}.parquet")
+        atomic_write(f"{self.staging}/part-{name}.parquet", recs.write_parquet, fs=self.fs)
         rejects_name = ""
         if rejects.height:
             rejects_name = f"rejects-{name}.parquet"
-            _write(self.fs, rejects, f"{self.staging}/{rejects_name}")
+            atomic_write(f"{self.staging}/{rejects_name}", rejects.write_parquet, fs=self.fs)
         if self.fault is not None:
             _inject_fault(self.fault)
         return pa.table({"part": [f"part-{name}.parquet"], "rejects": [rejects_name], "stats": [json.dumps(stats)],
@@ -129,8 +141,7 @@ class _Scorer:
 
 
 def _inject_fault(fault: dict) -> None:
-    """Testing hook: the first call anywhere (an O_EXCL marker file), or every call with "always", dies after
-    writing its part file."""
+    """`_FAULT`: the first call anywhere (an O_EXCL marker file), or every call with "always", dies."""
     try:
         os.close(os.open(fault["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
@@ -141,69 +152,14 @@ def _inject_fault(fault: dict) -> None:
     raise RuntimeError("injected fault")
 
 
-def _write(fs, df: pl.DataFrame, path: str) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open_output_stream(tmp) as f:
-        df.write_parquet(f)
-    fs.move(tmp, path)
-
-
 def _read(fs, path: str) -> pl.DataFrame:
     import pyarrow.parquet as pq
 
     return pl.from_arrow(pq.read_table(path, filesystem=fs))
 
 
-def _duplicates(fs, files: list[str]) -> tuple[int, pl.DataFrame]:
-    """(input rows, rows of duplicated users: `_pos` (input order), user_id, history), from the user_id column."""
-    import pyarrow.parquet as pq
-
-    hashes, sizes = [], []
-    for path in files:
-        metadata = pq.ParquetFile(path, filesystem=fs)
-        sizes.append(metadata.metadata.num_rows)
-        for batch in metadata.iter_batches(columns=["user_id"], batch_size=1 << 20):
-            hashes.append(pl.from_arrow(batch.column(0)).hash(seed=0).to_numpy())
-    rows = int(sum(sizes))
-    hashes = np.concatenate(hashes) if hashes else np.empty(0, dtype=np.uint64)
-    order = np.argsort(hashes, kind="stable")
-    same = hashes[order][1:] == hashes[order][:-1]
-    candidates = np.unique(np.concatenate([order[1:][same], order[:-1][same]]))
-    if not len(candidates):
-        return rows, pl.DataFrame()
-    # The few candidate rows are read back in full and compared by their real ids (nulls are not duplicates).
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    picked = []
-    for k, path in enumerate(files):
-        local = candidates[(candidates >= offsets[k]) & (candidates < offsets[k + 1])] - offsets[k]
-        if len(local):
-            table = pq.read_table(path, filesystem=fs, columns=["user_id", "history"]).take(local)
-            picked.append(pl.from_arrow(table).with_columns(_pos=pl.Series(local + offsets[k])))
-    found = pl.concat(picked).filter(pl.col("user_id").is_not_null())
-    return rows, found.filter(pl.col("user_id").is_duplicated()).sort("_pos")
-
-
-def score_ray(
-    users: str | Path,
-    artifacts: str | Path,
-    out: str | Path,
-    *,
-    top_k: int = 20,
-    batch_size: int = 64,
-    device: str = "auto",
-    threads: int = 0,
-    include_history: bool = False,
-    variant: str = "",
-    chunk_size: int = DEFAULT_CHUNK,
-    resume: bool = False,
-    overwrite: bool = False,
-    interactions: bool = False,
-    ray_address: str | None = None,
-    workers: int = 0,
-    gpus_per_worker: float | None = None,
-    _fault: dict | None = None,
-    **recommender_options,
-) -> dict:
+def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_address: str | None = None,
+              workers: int = 0, gpus_per_worker: float | None = None, **options) -> dict:
     """Run the job on Ray Data and write OUT as the local engine does; returns the summary.
 
     Args:
@@ -212,10 +168,8 @@ def score_ray(
             else a local cluster). A Ray session already started in this process is used as it is.
         workers: scorer actors (0: one per GPU, or one per `threads` CPUs leaving one CPU for reading).
         gpus_per_worker: GPUs reserved per actor (None: 1 when the cluster has GPUs and device is auto/cuda).
-        Other options as in `laser_batch.score.score_users`; `threads` 0 means one ONNX Runtime thread per CPU
-        reserved for an actor. Further keywords (e.g. max_batch_tokens) go to every actor's `Recommender`.
-        _fault: testing hook, {"marker": path, "mode": "exit" | "raise", "always": bool}: the first batch that
-            creates the marker file (every batch with "always") dies (os._exit) or raises after writing its part.
+        options: the fields of `laser_batch.job.JobOptions`, as for `laser_batch.score.score_users`; `threads` 0
+            means one ONNX Runtime thread per CPU reserved for an actor.
 
     Raises:
         EngineError: Ray is not installed or not reachable, or the Ray job failed (OUT is then not finished).
@@ -223,34 +177,30 @@ def score_ray(
     """
     ray, _ = _import_ray()
     started = time.perf_counter()
-    if resume and overwrite:
-        raise InputError("--resume and --overwrite exclude each other")
-    for option, value in (("--chunk-size", chunk_size), ("--top-k", top_k), ("--batch-size", batch_size)):
-        if value < 1:
-            raise InputError(f"{option} {value}: expected a positive integer")
+    opts = JobOptions(**options)
     if workers < 0 or (gpus_per_worker is not None and gpus_per_worker < 0):
         raise InputError("--workers and --gpus-per-worker must not be negative")
-    in_fs, files = list_input(users)
-    model = local_artifacts(str(artifacts))
-    from laser_batch.artifacts import load_manifest
-
-    load_manifest(model)  # a missing file or a failing checksum stops here, before Ray starts
-    check_users_schema(users, pl.read_parquet_schema(model / ITEM_IDS)["item_id"], interactions=interactions,
-                       listed=(in_fs, files))
-    if interactions:  # grouped into users below, once OUT is prepared
-        rows, dups = _row_count(in_fs, files), pl.DataFrame()
-    else:
-        rows, dups = _duplicates(in_fs, files)
-    if rows == 0:
-        raise InputError(f"{users}: no rows, nothing to score")
     out_fs, root = filesystem(str(out))
-    job = {"engine": "ray", "input": [in_fs.get_file_info(f).size for f in files], "files": files,
-           "interactions": interactions,
-           "manifest_sha256": manifest_sha256(model), "top_k": top_k,
-           "include_history": include_history, "variant": variant, "chunk_size": chunk_size}
-    _prepare_out(out_fs, root, str(out), job, resume=resume, overwrite=overwrite)
+    job.check_out(out_fs, root, str(out), resume=opts.resume, overwrite=opts.overwrite)
+    model = local_artifacts(str(artifacts))
+    if opts.expect_manifest_sha256 is not None:
+        check_manifest_sha256(model, opts.expect_manifest_sha256)
+    load_manifest(model)  # a missing file or a failing checksum stops here, before Ray starts
+    in_fs, files = list_input(users)
+    check_users_schema(users, pl.read_parquet_schema(model / ITEM_IDS)["item_id"], interactions=opts.interactions,
+                       listed=(in_fs, files))
+    if opts.interactions:  # grouped into users below, once OUT is prepared
+        rows, dups = row_count(in_fs, files), pl.DataFrame()
+    else:
+        rows, dups = duplicated_users(in_fs, files)
+    job.check_rows(rows, users)
+    record = opts.record({"engine": "ray", "input": [in_fs.get_file_info(f).size for f in files], "files": files},
+                         manifest_sha256(model))
+    # Ray Data keeps no partial results: a resumed job starts again from an empty OUT.
+    job.open_out(out_fs, root, str(out), record, resume=opts.resume, keep_finished=False)
     _connect(ray, ray_address)
     resources = ray.cluster_resources()
+    device, threads = opts.device, opts.threads
     if gpus_per_worker is None:
         gpus_per_worker = 1.0 if device != "cpu" and resources.get("GPU", 0) > 0 else 0.0
     if gpus_per_worker > 0 and device == "cpu":
@@ -261,16 +211,15 @@ def score_ray(
     if not workers:
         workers = (max(1, int(resources.get("GPU", 0) // gpus_per_worker)) if gpus_per_worker
                    else max(1, int(resources.get("CPU", 1) // cpus) - 1))
-    options = {"top_k": top_k, "batch_size": batch_size, "threads": threads or cpus,
-               "device": "cuda" if gpus_per_worker else "cpu", "include_history": include_history, "variant": variant,
-               **recommender_options}
+    options = {**opts.recommender(), "threads": threads or cpus, "device": "cuda" if gpus_per_worker else "cpu"}
     attempt = f"{STAGING}/{uuid.uuid4().hex[:12]}"
     staging = f"{root}/{attempt}"  # on out_fs; the actors open it from its location
     out_fs.create_dir(staging)
     staging_location = f"{str(out).rstrip('/')}/{attempt}" if "://" in str(out) else staging
-    if interactions:  # one users file in the staging directory, which every worker reads; its ids are unique
-        in_fs, files = out_fs, [_group_interactions(in_fs, files, out_fs, f"{staging}/users.parquet")]
-        rows = _row_count(in_fs, files)
+    if opts.interactions:  # one users file in the staging directory, which every worker reads; its ids are unique
+        group_interactions(in_fs, files, f"{staging}/users.parquet", out_fs=out_fs)
+        in_fs, files = out_fs, [f"{staging}/users.parquet"]
+        rows = row_count(in_fs, files)
     drop = dups["user_id"].unique() if dups.height else None
     location = str(artifacts) if "://" in str(artifacts) else str(model.resolve())
     logger.info("scoring %d users on Ray (%d worker(s), %g GPU(s) each, cluster %s)", rows, workers,
@@ -281,13 +230,13 @@ def score_ray(
     registry = ray.remote(num_cpus=0)(_Registry).remote()
     dataset = ray.data.read_parquet(files, filesystem=in_fs, columns=["user_id", "history"], partitioning=None)
     dataset = dataset.map_batches(
-        _Scorer, batch_size=chunk_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
+        _Scorer, batch_size=opts.chunk_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus, num_gpus=gpus_per_worker or None,
         # Ray Data restarts dead actors and retries their batches, by default without end: bound it so that a scorer
         # that dies every time fails the job instead of looping.
         max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_ACTOR_RESTARTS,
         fn_constructor_kwargs={"artifacts": location, "staging": staging_location, "drop": drop, "options": options,
-                               "registry": registry, "fault": _fault})
+                               "registry": registry, "fault": _FAULT})
     try:
         results = list(dataset.iter_rows())
     except Exception as e:
@@ -298,39 +247,9 @@ def score_ray(
         ray.kill(registry)
     if dups.height:
         results.append(_score_duplicates(dups, model, options, out_fs, staging))
-    return _commit(out_fs, root, staging, results, rows, started, model=str(artifacts), top_k=top_k,
-                   kind=_kind(model), manifest_sha256=job["manifest_sha256"], workers=workers,
-                   gpus_per_worker=gpus_per_worker)
-
-
-def _group_interactions(in_fs, files: list[str], out_fs, target: str) -> str:
-    """user_id, item_id, timestamp rows -> `target` on out_fs (user_id, history oldest first), grouped on the driver.
-
-    The local engine's grouping (`score.grouped_interactions`: ties in time keep the input order), so both engines
-    score the same histories (Polars streams local files; other filesystems go through a pyarrow dataset). A local
-    OUT gets the file directly; another filesystem gets a copy of a local temporary file."""
-    import pyarrow.dataset as ds
-    import pyarrow.fs as pafs
-
-    from laser_batch.score import grouped_interactions
-
-    local_fs = isinstance(in_fs, pafs.LocalFileSystem)
-    rows = pl.scan_parquet(files) if local_fs else pl.scan_pyarrow_dataset(ds.dataset(files, filesystem=in_fs))
-    if isinstance(out_fs, pafs.LocalFileSystem):
-        grouped_interactions(rows, Path(target))
-        return target
-    with tempfile.TemporaryDirectory(prefix="laser-batch-group-") as tmp:
-        local = Path(tmp) / "users.parquet"
-        grouped_interactions(rows, local)
-        with local.open("rb") as src, out_fs.open_output_stream(target) as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    return target
-
-
-def _row_count(fs, files: list[str]) -> int:
-    import pyarrow.parquet as pq
-
-    return int(sum(pq.ParquetFile(path, filesystem=fs).metadata.num_rows for path in files))
+    return _commit(out_fs, root, staging, results, rows, started, model=str(artifacts), top_k=opts.top_k,
+                   manifest_sha256=record["manifest_sha256"], workers=workers, gpus_per_worker=gpus_per_worker,
+                   kind=_kind(model))
 
 
 def _connect(ray, address: str | None) -> None:
@@ -362,32 +281,6 @@ def _kind(model: Path) -> str:
     return json.loads((model / MANIFEST).read_text())["kind"]
 
 
-def _prepare_out(fs, root: str, shown: str, job: dict, *, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty OUT unless resuming the same job or overwriting; then empty it and write the job file."""
-    import pyarrow.fs as pafs
-
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        fs.create_dir(root)
-        children = []
-    else:
-        children = fs.get_file_info(pafs.FileSelector(root))
-    if children and not (resume or overwrite):
-        raise InputError(f"{shown}: not empty; pass --resume to finish an interrupted job or --overwrite to replace it")
-    job_path = f"{root}/{JOB_FILE}"
-    if resume and fs.get_file_info(job_path).type == pafs.FileType.File:
-        with fs.open_input_stream(job_path) as f:
-            previous = json.loads(f.read())
-        changed = [k for k in job if previous.get(k) != job[k]]
-        if changed:
-            raise InputError(f"{shown}: the interrupted job had another {', '.join(changed)}; use --overwrite to "
-                             "start over")
-    # Ray Data keeps no partial results: a resumed job starts again from an empty OUT.
-    fs.delete_dir_contents(root)
-    with fs.open_output_stream(job_path) as f:
-        f.write((json.dumps(job, indent=2) + "\n").encode())
-
-
 def _score_duplicates(dups: pl.DataFrame, model: Path, options: dict, fs, staging: str) -> dict:
     """On the driver: the first row of each duplicated user is scored, the later rows are rejects."""
     first = dups.filter(pl.col("user_id").is_first_distinct())
@@ -399,41 +292,23 @@ def _score_duplicates(dups: pl.DataFrame, model: Path, options: dict, fs, stagin
     stats["users_in"] += later.height
     stats["rejected:duplicate user"] += later.height
     name = uuid.uuid4().hex
-    _write(fs, recs, f"{staging}/part-{name}.parquet")
-    _write(fs, rejects, f"{staging}/rejects-{name}.parquet")
+    atomic_write(f"{staging}/part-{name}.parquet", recs.write_parquet, fs=fs)
+    atomic_write(f"{staging}/rejects-{name}.parquet", rejects.write_parquet, fs=fs)
     return {"part": f"part-{name}.parquet", "rejects": f"rejects-{name}.parquet", "stats": json.dumps(stats),
             "provider": recommender.providers[0]}
 
 
-def _commit(fs, root: str, staging: str, results: list[dict], rows: int, started: float, **info) -> dict:
-    """Move the listed part files into OUT, merge the rejects, write the summary, drop the staging, then _SUCCESS."""
+def _commit(fs, root: str, staging: str, results: list[dict], rows: int, started: float, *, kind: str,
+            **info) -> dict:
+    """Move the listed part files into OUT, then the job core's commit (rejects, summary, staging gone, _SUCCESS)."""
     totals: Counter = Counter()
     for r in results:
         totals.update(json.loads(r["stats"]))
-    if totals["users_in"] != rows:
-        raise EngineError(f"internal error: {rows} input rows but {totals['users_in']} accounted for; OUT is not "
-                          "finished")
+    summary = job.summarize(totals, rows=rows, chunks=len(results), seconds=time.perf_counter() - started,
+                            provider=results[0]["provider"], providers=sorted({r["provider"] for r in results}),
+                            engine="ray", model_kind=kind, **info)
     for k, r in enumerate(results):  # files of attempts that died are not listed and go with the staging
         fs.move(f"{staging}/{r['part']}", f"{root}/part-{k:05d}.parquet")
     rejects = [_read(fs, f"{staging}/{r['rejects']}") for r in results if r["rejects"]]
-    rejects = (pl.concat(rejects, how="vertical_relaxed") if rejects
-               else pl.DataFrame(schema={"user_id": pl.Int64, "reason": pl.String}))
-    _write(fs, rejects, f"{root}/rejects.parquet")
-    seconds = time.perf_counter() - started
-    padded = max(totals["padded_tokens"], 1)
-    summary = {
-        "users_in": totals["users_in"], "users_scored": totals["scored"],
-        "users_rejected": {r: totals.get(f"rejected:{r}", 0) for r in REJECT_REASONS},
-        "unknown_items_dropped": totals["unknown_items_dropped"], "chunks": len(results), "seconds": round(seconds, 2),
-        "users_per_second": round(totals["scored"] / seconds, 2),
-        "tokens_per_second": round(totals["real_tokens"] / seconds, 1),
-        "padding_efficiency": round(totals["real_tokens"] / padded, 4),
-        "provider": results[0]["provider"], "providers": sorted({r["provider"] for r in results}),
-        "engine": "ray", "model_kind": info.pop("kind"), **info,
-    }
-    with fs.open_output_stream(f"{root}/summary.json") as f:
-        f.write((json.dumps(summary, indent=2) + "\n").encode())
-    fs.delete_dir(f"{root}/{STAGING}")
-    with fs.open_output_stream(f"{root}/{SUCCESS}") as f:
-        f.write(b"")
+    job.commit(fs, root, rejects, summary, scratch=f"{root}/{STAGING}")
     return summary

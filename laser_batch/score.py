@@ -5,6 +5,10 @@
     OUT_DIR/summary.json             counts, rejects by reason, users/s, tokens/s, padding efficiency, provider
     OUT_DIR/_SUCCESS                 written last
 
+This module is the local engine: `Recommender` and the loop over chunks. The option checks, OUT's states (new,
+resumed, overwritten), the summary and the commit are the job core's (`laser_batch.job`), shared with the Ray
+engine.
+
 The input is read in fixed slices of rows (chunk k = rows [k * C, (k + 1) * C)), so memory does not grow
 with the number of users and a killed job can be resumed: a chunk is finished when its part file exists
 (written to a temporary name, then renamed), and `resume=True` redoes only the unfinished ones. Duplicate
@@ -19,8 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,25 +31,18 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from laser_batch.artifacts import ITEM_IDS, ITEM_MATRIX, Embedder, manifest_sha256
-from laser_batch.errors import InputError
-from laser_batch.inputs import check_users_schema, input_files
-from laser_batch.metrics import exclude_items
+from laser_batch import job, metrics
+from laser_batch.artifacts import ITEM_IDS, ITEM_MATRIX, Embedder, check_manifest_sha256, manifest_sha256
+from laser_batch.files import atomic_write
+from laser_batch.inputs import check_users_schema, filesystem, group_interactions, input_files
+from laser_batch.job import DEFAULT_MAX_BATCH_TOKENS, JobOptions
+from laser_batch.sequences import length_batches
 
 logger = logging.getLogger(__name__)
 
-REJECT_REASONS = ("null user_id", "duplicate user", "empty history", "no known items")
 RECS_SCHEMA_COLUMNS = ("user_id", "rank", "item_id", "score")
-JOB_FILE = "_job.json"
 STATS_DIR = "_stats"
 WORK_DIR = "_work"
-SUCCESS = "_SUCCESS"
-DEFAULT_CHUNK = 50_000
-# Padded tokens per graph run. Attention intermediates grow with B * T^2 (B users of T tokens), so `batch_size`
-# alone lets a batch of long histories take hundreds of MB. Measured with the tiny model on the 640 longest of 10k
-# synthetic users (~290 tokens): RSS growth 614 MB with 64-user batches, 301 MB at 8192 tokens, 159 MB at 4096;
-# 8192 cost that small model ~15% users/s (its ops are tiny, so per-run overheads weigh); wide LLMs lose less.
-DEFAULT_MAX_BATCH_TOKENS = 8192
 
 
 class Recommender:
@@ -71,10 +66,7 @@ class Recommender:
     def __init__(self, artifacts: Path, *, top_k: int = 20, batch_size: int = 64,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, device: str = "auto", threads: int = 0,
                  include_history: bool = False, variant: str = "", io_binding: bool | None = None) -> None:
-        for option, value in (("--top-k", top_k), ("--batch-size", batch_size),
-                              ("--max-batch-tokens", max_batch_tokens)):
-            if value < 1:
-                raise InputError(f"{option} {value}: expected a positive integer")
+        job.check_positive({"--top-k": top_k, "--batch-size": batch_size, "--max-batch-tokens": max_batch_tokens})
         self.artifacts = Path(artifacts)
         self.embedder = Embedder(self.artifacts, device=device, threads=threads, variant=variant,
                                  io_binding=io_binding)
@@ -121,6 +113,14 @@ class Recommender:
         keep = grouped.filter(pl.Series(reason[grouped["_row"].to_numpy()] == ""))
         rows = keep["_row"].to_numpy()
         histories = [np.asarray(h, dtype=np.int64) for h in keep["_internal"].to_list()]
+        if len(rows):
+            top, scores = self._top_k(histories, stats)
+        else:
+            top = scores = np.empty((0, 1))
+        # Best first: a -inf at rank 1 means every item was excluded (the history covers the catalogue).
+        eligible = np.isfinite(scores[:, 0])
+        reason[rows[~eligible]] = "no eligible items"
+        rows, top, scores = rows[eligible], top[eligible], scores[eligible]
 
         rejected = reason != ""
         rejects = pl.DataFrame({"user_id": users["user_id"].filter(pl.Series(rejected)),
@@ -131,9 +131,8 @@ class Recommender:
         stats["scored"] = len(rows)
         if not len(rows):
             return self._empty(users.schema["user_id"]), rejects, dict(stats)
-        top, scores = self._top_k(histories, stats)
         k = top.shape[1]
-        valid = np.isfinite(scores)
+        valid = np.isfinite(scores)  # fewer eligible items than k: the user gets all of them
         user_index = np.repeat(rows, k)[valid.reshape(-1)]
         recs = pl.DataFrame({
             "user_id": users["user_id"].gather(user_index),
@@ -157,15 +156,14 @@ class Recommender:
 
     def _top_k(self, histories: list[np.ndarray], stats: Counter) -> tuple[np.ndarray, np.ndarray]:
         """(top item rows (B, k), their scores (B, k); -inf where a user has fewer than k candidates)."""
-        n_items = self.item_matrix.shape[0]
-        k = min(self.top_k, n_items)
+        k = min(self.top_k, self.item_matrix.shape[0])
         top = np.empty((len(histories), k), dtype=np.int64)
         best = np.empty((len(histories), k), dtype=np.float32)
         if self.embedder.kind == "laser":
             lengths = self.embedder.text.lengths(histories)
         else:
             lengths = np.fromiter((min(len(h), self.embedder.max_len) for h in histories), dtype=np.int64)
-        for batch in batches(lengths, self.batch_size, self.max_batch_tokens):
+        for batch in length_batches(lengths, self.batch_size, max_tokens=self.max_batch_tokens):
             hist = [histories[i] for i in batch]
             feeds = self.embedder.feeds(hist)
             mask = feeds.get("attention_mask", feeds.get("item_ids"))
@@ -174,13 +172,8 @@ class Recommender:
             users = self.embedder.run(feeds)  # (b, D)
             scores = users @ self.item_matrix.T  # (b, N)
             if not self.include_history:
-                exclude_items(scores, hist)
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n_items else np.tile(
-                np.arange(n_items), (len(hist), 1))
-            part_scores = np.take_along_axis(scores, part, axis=1)
-            rank = np.argsort(-part_scores, axis=1, kind="stable")
-            top[batch] = np.take_along_axis(part, rank, axis=1)
-            best[batch] = np.take_along_axis(part_scores, rank, axis=1)
+                metrics.exclude_items(scores, hist)
+            top[batch], best[batch] = metrics.top_k(scores, k)
         return top, best
 
     def _empty(self, user_dtype: pl.DataType) -> pl.DataFrame:
@@ -188,71 +181,33 @@ class Recommender:
                                     "score": pl.Float32})
 
 
-def batches(lengths: np.ndarray, batch_size: int, max_tokens: int) -> list[np.ndarray]:
-    """Indices of users grouped by length (shortest first) into batches of at most `batch_size` users and at most
-    `max_tokens` padded tokens (users x the longest length in the batch); a user longer than `max_tokens` alone."""
-    order = np.argsort(lengths, kind="stable")
-    sorted_lengths = np.maximum(lengths[order], 1)
-    out, start = [], 0
-    while start < len(order):
-        # Lengths grow along `order`: the first k candidates pad to the k-th one's length.
-        candidates = sorted_lengths[start:start + batch_size]
-        fits = np.arange(1, len(candidates) + 1) * candidates <= max_tokens  # True, ..., True, False, ...
-        count = len(candidates) if fits.all() else max(1, int(np.argmin(fits)))
-        out.append(order[start:start + count])
-        start += count
-    return out
-
-
-def score_users(
-    users_path: Path,
-    artifacts: Path,
-    out: Path,
-    *,
-    interactions: bool = False,
-    top_k: int = 20,
-    batch_size: int = 64,
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
-    device: str = "auto",
-    threads: int = 0,
-    include_history: bool = False,
-    variant: str = "",
-    io_binding: bool | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    chunk_size: int = DEFAULT_CHUNK,
-    on_chunk: Callable[[int, int], None] | None = None,
-) -> dict:
+def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Callable[[int, int], None] | None = None,
+                **options) -> dict:
     """Run the job over `users_path` (or grouped interactions) and write OUT_DIR; returns the summary.
 
     `users_path` is one Parquet file or a directory of Parquet files with one schema (`laser_batch.inputs`), read as
     their concatenation in name order. A resumed job must see the same files, sizes and modification times.
+    `options`: the fields of `laser_batch.job.JobOptions` (top_k, batch_size, ..., resume, overwrite,
+    expect_manifest_sha256); `on_chunk(k, chunks)` is called after chunk k is committed.
     """
+    opts = JobOptions(**options)
     users_path, out = Path(users_path), Path(out)
     started = time.perf_counter()
-    if resume and overwrite:
-        raise InputError("--resume and --overwrite exclude each other")
-    check_users_schema(users_path, interactions=interactions)  # before any model work
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise InputError(f"{out}: not empty; pass --resume to finish an interrupted job or --overwrite to replace it")
-    recommender = Recommender(artifacts, top_k=top_k, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                              device=device, threads=threads, include_history=include_history, variant=variant,
-                              io_binding=io_binding)
-    check_users_schema(users_path, recommender.item_id_dtype, interactions=interactions)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    fs, root = filesystem(str(out))
+    job.check_out(fs, root, str(out), resume=opts.resume, overwrite=opts.overwrite)  # before any model work
+    if opts.expect_manifest_sha256 is not None:
+        check_manifest_sha256(Path(artifacts), opts.expect_manifest_sha256)
+    check_users_schema(users_path, interactions=opts.interactions)
+    recommender = Recommender(artifacts, **opts.recommender())
+    check_users_schema(users_path, recommender.item_id_dtype, interactions=opts.interactions)
     files = input_files(users_path)
-    job = {"input": str(users_path.resolve()), "input_files": [
-               [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files], "interactions": interactions,
-           "manifest_sha256": recommender.manifest_sha256, "top_k": top_k, "include_history": include_history,
-           "variant": variant, "chunk_size": chunk_size}
-    _check_job(out, job, resume)
-    (out / SUCCESS).unlink(missing_ok=True)
-    source = [_grouped_interactions(files, out)] if interactions else files
+    record = opts.record({"input": str(users_path.resolve()), "input_files": [
+        [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}, recommender.manifest_sha256)
+    job.open_out(fs, root, str(out), record, resume=opts.resume, keep_finished=True)
+    chunk_size = opts.chunk_size
+    source = [_grouped_interactions(fs, files, out)] if opts.interactions else files
     rows = pl.scan_parquet(source).select(pl.len()).collect().item()
-    if rows == 0:
-        raise InputError(f"{users_path}: no rows, nothing to score")
+    job.check_rows(rows, users_path)
     chunks = max(1, math.ceil(rows / chunk_size))
     (out / STATS_DIR).mkdir(exist_ok=True)
     done = [k for k in range(chunks) if (out / _part(k)).exists()]
@@ -269,57 +224,25 @@ def score_users(
         recs, rejects, stats = recommender.recommend(users, seen)
         seen.add(users["user_id"].drop_nulls().hash(seed=0).to_numpy())
         first_open = k + 1
-        _atomic_parquet(rejects, out / STATS_DIR / f"rejects-{k:05d}.parquet")
-        (out / STATS_DIR / f"stats-{k:05d}.json").write_text(json.dumps(stats))
-        _atomic_parquet(recs, out / _part(k))  # the commit point of chunk k
+        atomic_write(out / STATS_DIR / f"rejects-{k:05d}.parquet", rejects.write_parquet)
+        job.write_text(fs, f"{root}/{STATS_DIR}/stats-{k:05d}.json", json.dumps(stats))
+        atomic_write(out / _part(k), recs.write_parquet)  # the commit point of chunk k
         if on_chunk is not None:
             on_chunk(k, chunks)
-    summary = _finish(out, chunks, recommender, time.perf_counter() - started, rows)
-    return summary
+    return _finish(fs, root, out, chunks, recommender, time.perf_counter() - started, rows)
 
 
 def _part(k: int) -> str:
     return f"part-{k:05d}.parquet"
 
 
-def _atomic_parquet(df: pl.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    df.write_parquet(tmp)
-    tmp.replace(path)
-
-
-def _check_job(out: Path, job: dict, resume: bool) -> None:
-    path = out / JOB_FILE
-    if resume and path.exists():
-        previous = json.loads(path.read_text())
-        changed = [k for k in job if previous.get(k) != job[k]]
-        if changed:
-            raise InputError(f"{out}: the interrupted job had another {', '.join(changed)}; "
-                             "use --overwrite to start over")
-        return
-    if any(out.iterdir()):  # --overwrite removed everything already; --resume without a job file: start over
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    path.write_text(json.dumps(job, indent=2) + "\n")
-
-
-def _grouped_interactions(files: list[Path], out: Path) -> Path:
-    """user_id, item_id, timestamp rows -> OUT_DIR/_work/users.parquet (user_id, history oldest first)."""
+def _grouped_interactions(fs, files: list[Path], out: Path) -> Path:
+    """user_id, item_id, timestamp rows -> OUT_DIR/_work/users.parquet (user_id, history oldest first), once."""
     target = out / WORK_DIR / "users.parquet"
-    if target.exists():
-        return target
-    target.parent.mkdir(exist_ok=True)
-    grouped_interactions(pl.scan_parquet(files), target)
+    if not target.exists():
+        target.parent.mkdir(exist_ok=True)
+        group_interactions(fs, [str(f) for f in files], str(target))
     return target
-
-
-def grouped_interactions(rows: pl.LazyFrame, target: Path) -> None:
-    """Interaction rows -> `target` (written atomically): user_id, history oldest first, ties in time in input order."""
-    grouped = (rows.with_row_index("_order").sort("user_id", "timestamp", "_order", nulls_last=True)
-               .group_by("user_id", maintain_order=True).agg(pl.col("item_id").alias("history")))
-    tmp = target.with_name(f".{target.name}.tmp")
-    grouped.sink_parquet(tmp)
-    tmp.replace(target)
 
 
 class SeenUsers:
@@ -360,31 +283,15 @@ def _seen_before(source: list[Path], rows: int) -> SeenUsers:
     return seen
 
 
-def _finish(out: Path, chunks: int, recommender: Recommender, seconds: float, rows: int) -> dict:
+def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, seconds: float, rows: int) -> dict:
     totals: Counter = Counter()
     for k in range(chunks):
         totals.update(json.loads((out / STATS_DIR / f"stats-{k:05d}.json").read_text()))
+    summary = job.summarize(
+        totals, rows=rows, chunks=chunks, seconds=seconds, provider=recommender.providers[0],
+        providers=recommender.providers, model=str(recommender.artifacts), model_kind=recommender.embedder.kind,
+        manifest_sha256=recommender.manifest_sha256, top_k=recommender.top_k, batch_size=recommender.batch_size,
+        max_batch_tokens=recommender.max_batch_tokens, io_binding=recommender.embedder.io_binding)
     rejects = [pl.read_parquet(p) for p in sorted((out / STATS_DIR).glob("rejects-*.parquet"))]
-    rejects = pl.concat(rejects) if rejects else pl.DataFrame(schema={"user_id": pl.Int64, "reason": pl.String})
-    _atomic_parquet(rejects, out / "rejects.parquet")
-    padded = max(totals["padded_tokens"], 1)
-    summary = {
-        "users_in": totals["users_in"], "users_scored": totals["scored"],
-        "users_rejected": {r: totals.get(f"rejected:{r}", 0) for r in REJECT_REASONS},
-        "unknown_items_dropped": totals["unknown_items_dropped"],
-        "chunks": chunks, "seconds": round(seconds, 2),
-        "users_per_second": round(totals["scored"] / seconds, 2) if seconds else None,
-        "tokens_per_second": round(totals["real_tokens"] / seconds, 1) if seconds else None,
-        "padding_efficiency": round(totals["real_tokens"] / padded, 4),
-        "provider": recommender.providers[0], "providers": recommender.providers,
-        "model": str(recommender.artifacts), "model_kind": recommender.embedder.kind,
-        "manifest_sha256": recommender.manifest_sha256, "top_k": recommender.top_k,
-        "batch_size": recommender.batch_size, "max_batch_tokens": recommender.max_batch_tokens,
-        "io_binding": recommender.embedder.io_binding,
-    }
-    if summary["users_in"] != rows:
-        raise RuntimeError(f"internal error: {rows} input rows but {summary['users_in']} accounted for")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-    (out / SUCCESS).write_text("")
+    job.commit(fs, root, rejects, summary, scratch=f"{root}/{WORK_DIR}")
     return summary

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import polars as pl
 import pytest
@@ -126,6 +128,16 @@ def test_bad_convert_format_is_a_usage_error(tmp_path):
     assert code == 2 and "csv" in out
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    result = runner.invoke(app, ["--debug", "evaluate", str(tmp_path / "nope")])
-    assert result.exit_code != 0 and result.exception is not None
+def test_debug_shows_the_traceback_and_without_it_one_line(tmp_path):
+    # The real CLI in its own interpreter: what a user's terminal shows (the test runner would record the exit as an
+    # exception either way). A missing users file fails before any model or torch work.
+    missing = tmp_path / "missing.parquet"
+    args = ["score", str(missing), "--model", str(tmp_path / "art"), "--out", str(tmp_path / "out")]
+    plain = subprocess.run([sys.executable, "-m", "laser_batch.cli", *args], capture_output=True, text=True)
+    assert plain.returncode == 2
+    assert plain.stderr.splitlines() == [f"error: {missing}: file not found"]
+    debug = subprocess.run([sys.executable, "-m", "laser_batch.cli", "--debug", *args], capture_output=True,
+                           text=True)
+    assert debug.returncode == 1, debug.stderr
+    assert debug.stderr.startswith("Traceback (most recent call last):")
+    assert debug.stderr.splitlines()[-1] == f"laser_batch.errors.InputError: {missing}: file not found"

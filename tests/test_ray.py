@@ -12,8 +12,9 @@ import pytest
 from test_score import _recs, _users, artifacts  # noqa: F401 (the tiny Laser artefacts, built once per module)
 from typer.testing import CliRunner
 
+from laser_batch.artifacts import MANIFEST, manifest_sha256
 from laser_batch.cli import app
-from laser_batch.errors import EngineError, InputError
+from laser_batch.errors import ArtifactError, EngineError, InputError
 from laser_batch.score import score_users
 
 # CI installs the dev extra, Ray included: there a missing Ray or a cluster that will not start fails the suite
@@ -40,12 +41,14 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def users_dir(artifacts, tmp_path_factory):  # noqa: F811
     """Three files: the example users, and bad rows among them; user 1 and user 6 appear again in a later file
-    with other histories (the first occurrence is the one scored). Also the same rows as one file."""
+    with other histories (the first occurrence is the one scored); user 9005's history holds the whole catalogue.
+    Also the same rows as one file."""
     users = _users(artifacts)
     known = users["history"][0].to_list()
+    catalogue = pl.read_parquet(artifacts / "laser_art" / "item_ids.parquet")["item_id"].to_list()
     bad = pl.DataFrame({
-        "user_id": [users["user_id"][0], None, 9001, 9002, 9003, 9004, users["user_id"][5]],
-        "history": [known[:2], known, [], None, [777777, 888888], [777777, *known], known[:3]],
+        "user_id": [users["user_id"][0], None, 9001, 9002, 9003, 9004, users["user_id"][5], 9005],
+        "history": [known[:2], known, [], None, [777777, 888888], [777777, *known], known[:3], catalogue],
     }, schema={"user_id": pl.Int64, "history": pl.List(pl.Int64)})
     rows = pl.concat([users, bad])
     root = tmp_path_factory.mktemp("ray_input")
@@ -86,39 +89,51 @@ def _assert_same_result(ray_out, local_out):
 
 def test_ray_output_equals_the_local_engine_and_every_user_is_accounted_for(artifacts, users_dir, local_out,  # noqa: F811
                                                                             ray_cluster, tmp_path):
-    summary = score_ray_dir(artifacts, users_dir, tmp_path / "out", model=(artifacts / "laser_art").as_uri())
+    summary = score_ray_dir(artifacts, users_dir, tmp_path / "out", model=(artifacts / "laser_art").as_uri(),
+                            expect_manifest_sha256=manifest_sha256(artifacts / "laser_art"))
     _assert_same_result(tmp_path / "out", local_out)
     rows = pl.read_parquet(users_dir / "all.parquet")
     scored = _recs(tmp_path / "out")["user_id"].unique()
     rejects = pl.read_parquet(tmp_path / "out" / "rejects.parquet")
     assert scored.len() + rejects.height == rows.height == summary["users_in"]
     assert summary["users_rejected"] == {"null user_id": 1, "duplicate user": 2, "empty history": 2,
-                                         "no known items": 1}
+                                         "no known items": 1, "no eligible items": 1}
+    assert rejects.filter(pl.col("user_id") == 9005)["reason"].to_list() == ["no eligible items"]
     assert summary["engine"] == "ray" and summary["chunks"] >= 3
 
 
+@pytest.fixture
+def fault(monkeypatch):
+    """fault(**spec) makes the Ray engine's scorers die as `ray_engine._FAULT` says, for this test only."""
+    from laser_batch import ray_engine
+
+    return lambda **spec: monkeypatch.setattr(ray_engine, "_FAULT", spec)
+
+
 def test_a_scorer_that_dies_once_is_retried_and_the_result_is_unchanged(artifacts, users_dir, local_out,  # noqa: F811
-                                                                      ray_cluster, tmp_path):
+                                                                      ray_cluster, fault, tmp_path):
     marker = tmp_path / "died"
-    score_ray_dir(artifacts, users_dir, tmp_path / "out", _fault={"marker": str(marker), "mode": "exit"})
+    fault(marker=str(marker), mode="exit")
+    score_ray_dir(artifacts, users_dir, tmp_path / "out")
     assert marker.exists(), "the fault was not injected"
     _assert_same_result(tmp_path / "out", local_out)  # the dead attempt's part file was not committed
 
 
 def test_a_scorer_that_always_dies_fails_the_job_instead_of_retrying_forever(artifacts, users_dir,  # noqa: F811
-                                                                           ray_cluster, tmp_path):
+                                                                           ray_cluster, fault, tmp_path):
     out = tmp_path / "out"
+    fault(marker=str(tmp_path / "dies"), mode="exit", always=True)
     with pytest.raises(EngineError, match="the Ray job failed, OUT is not finished"):
-        score_ray_dir(artifacts, users_dir, out, _fault={"marker": str(tmp_path / "dies"), "mode": "exit",
-                                                         "always": True})
+        score_ray_dir(artifacts, users_dir, out)
     assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
 
 
 def test_a_failed_job_never_looks_finished_and_rerunning_completes_it(artifacts, users_dir, local_out,  # noqa: F811
-                                                                      ray_cluster, tmp_path):
+                                                                      ray_cluster, fault, tmp_path):
     out = tmp_path / "out"
+    fault(marker=str(tmp_path / "failed"), mode="raise")
     with pytest.raises(EngineError, match="the Ray job failed, OUT is not finished .*RuntimeError: injected fault"):
-        score_ray_dir(artifacts, users_dir, out, _fault={"marker": str(tmp_path / "failed"), "mode": "raise"})
+        score_ray_dir(artifacts, users_dir, out)
     assert not (out / "_SUCCESS").exists() and not list(out.glob("part-*.parquet"))
     with pytest.raises(InputError, match="not empty; pass --resume"):
         score_ray_dir(artifacts, users_dir, out)
@@ -154,7 +169,7 @@ def test_cli_engine_ray_and_its_errors(artifacts, users_dir, local_out, ray_clus
     base = ["score", str(users_dir / "dir"), "--model", model, "--top-k", "5", "--chunk-size", "16"]
     done = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "out"), "--engine", "ray", "--workers", "1"])
     assert done.exit_code == 0, done.output
-    assert "61 users scored, 6 rejected" in done.output
+    assert "61 users scored, 7 rejected" in done.output
     _assert_same_result(tmp_path / "out", local_out)
     misplaced = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "x"), "--workers", "2"])
     assert misplaced.exit_code == 2 and "need --engine ray" in misplaced.output
@@ -163,6 +178,23 @@ def test_cli_engine_ray_and_its_errors(artifacts, users_dir, local_out, ray_clus
                                    str(tmp_path / "y"), "--engine", "ray"])
     assert bad.exit_code == 2 and "missing column(s) history" in bad.output
     assert not (tmp_path / "y").exists()
+
+
+def test_ray_refuses_a_file_as_out_and_unpinned_artefacts_before_any_work(artifacts, tmp_path):  # noqa: F811
+    importlib.import_module("ray") if IN_CI else pytest.importorskip("ray")
+    from laser_batch.ray_engine import score_ray
+
+    (tmp_path / "recs").write_text("a file")
+    done = CliRunner().invoke(app, ["score", str(tmp_path / "no-users"), "--model", str(tmp_path / "no-model"),
+                                    "--out", str(tmp_path / "recs"), "--engine", "ray"])
+    assert done.exit_code == 2 and done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'recs'}: is a file, not a directory; --out names the directory to write the results to"]
+    art = artifacts / "laser_art"
+    other = "f" * 64
+    with pytest.raises(ArtifactError, match=f"{art / MANIFEST}: sha256 {manifest_sha256(art)}, but "
+                                            f"--expect-manifest-sha256 is {other}"):
+        score_ray(str(tmp_path / "no-users"), str(art), str(tmp_path / "out"), expect_manifest_sha256=other)
+    assert not (tmp_path / "out").exists()
 
 
 def _run(code):

@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,15 +25,21 @@ from laser_batch.train_laser import train_laser
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
+    """The example data, a tiny run and its exports (laser_art, sasrec_art): built once per test session, and
+    shared by the modules that import this fixture (test_ray, test_score_boundaries)."""
     from laser_batch.examples.synthetic import write_example
 
-    root = tmp_path_factory.mktemp("score")
+    root = tmp_path_factory.getbasetemp() / "score_artifacts"
+    if (root / "built").exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)  # a build that failed part way
     write_example(root / "data", users=60, items=40, seed=11)
     config = small_config(laser={"center": True})
     train_sasrec(root / "data", root / "run", config)
     export_run(root / "run", root / "sasrec_art", model="sasrec")
     train_laser(root / "run", config)
     export_run(root / "run", root / "laser_art")
+    (root / "built").write_text("")
     return root
 
 
@@ -102,7 +109,7 @@ def test_every_input_user_is_in_the_output_or_rejects_exactly_once(artifacts, tm
         (9002, "empty history"), (9003, "no known items")], key=str)
     assert len(scored) + rejects.height == users.height == summary["users_in"]
     assert summary["users_rejected"] == {"null user_id": 1, "duplicate user": 1, "empty history": 2,
-                                         "no known items": 1}
+                                         "no known items": 1, "no eligible items": 0}
     assert summary["unknown_items_dropped"] == 5  # 2 of user 9003 and 3 of the very long history 9004
 
 
@@ -172,26 +179,6 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(artifacts, tmp_path, ma
     assert not (tmp_path / "out" / "_SUCCESS").exists() and not list(tmp_path.glob("out/part-*"))
 
 
-def test_out_dir_and_artefact_errors(artifacts, tmp_path):
-    import shutil
-
-    path = _write(_users(artifacts, 5), tmp_path / "users.parquet")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "x").write_text("something")
-    with pytest.raises(InputError, match="not empty; pass --resume"):
-        score_users(path, artifacts / "laser_art", tmp_path / "out")
-    score_users(path, artifacts / "laser_art", tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "x").exists()
-    broken = tmp_path / "art"
-    shutil.copytree(artifacts / "laser_art", broken)
-    (broken / "sasrec.onnx").write_bytes(b"x" + (broken / "sasrec.onnx").read_bytes()[1:])
-    with pytest.raises(ArtifactError, match="sasrec.onnx: checksum does not match"):
-        score_users(path, broken, tmp_path / "out2")
-    (broken / "item_matrix.npy").unlink()
-    with pytest.raises(ArtifactError, match="listed in the manifest but missing"):
-        Recommender(broken)
-
-
 def test_device_cuda_without_a_gpu_is_an_error(artifacts):
     import onnxruntime as ort
 
@@ -242,20 +229,20 @@ def test_cli_score_shows_the_top_titles(artifacts, tmp_path):
     assert len(shown) == 10 and all(line.split(". ", 1)[1].rsplit("  (", 1)[0] in titles for line in shown)
 
 
-def test_batches_keep_length_order_and_both_limits():
-    from laser_batch.score import batches
+def test_the_scorers_batches_keep_length_order_and_both_limits():
+    from laser_batch.sequences import length_batches
 
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 300, size=500)
     lengths[7] = 5000  # longer than the budget: runs alone
-    groups = batches(lengths, 64, 2048)
+    groups = length_batches(lengths, 64, max_tokens=2048)
     assert sorted(np.concatenate(groups).tolist()) == list(range(500))
     flat = np.concatenate(groups)
     assert (np.diff(lengths[flat]) >= 0).all()  # grouped by length, shortest first
     for group in groups:
         assert len(group) <= 64 and (len(group) * lengths[group].max() <= 2048 or len(group) == 1)
     assert [7] in [g.tolist() for g in groups]
-    assert max(map(len, batches(np.full(100, 10), 64, 10**9))) == 64  # the user limit still applies
+    assert max(map(len, length_batches(np.full(100, 10), 64, max_tokens=10**9))) == 64  # the user limit applies
 
 
 def test_seen_users_answers_as_a_set_in_logarithmically_many_runs():
