@@ -121,8 +121,10 @@ def train_laser(
     state = LaserState(config=config.to_dict(), llm_fingerprint=model.llm.fingerprint)
     if resume:
         state = load_resume(writer.partial, training, state)
-        if state.epoch or state.stage > 1:
+        if state.epoch:
             logger.info("resuming after stage %d epoch %d", state.stage, state.epoch)
+        elif state.stage > 1:
+            logger.info("resuming at the start of stage %d", state.stage)
     for stage, epochs in ((1, config.laser.stage1_epochs), (2, config.laser.stage2_epochs)):
         if stage >= state.stage and epochs > 0:
             _train_stage(training, state, writer, stage, epochs)

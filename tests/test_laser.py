@@ -209,7 +209,8 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(sasrec_run, l
     import laser_batch.train_laser as tl
 
     config = small_config(laser={"stage1_epochs": 2, "stage2_epochs": 1})
-    straight = train_laser(_copy_run(sasrec_run, tmp_path / "a"), config, llm=llm)
+    straight_run = _copy_run(sasrec_run, tmp_path / "a")
+    straight = train_laser(straight_run, config, llm=llm)
 
     run = _copy_run(sasrec_run, tmp_path / "b")
     real_epoch, calls = tl._train_epoch, []
@@ -225,8 +226,17 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(sasrec_run, l
         train_laser(run, config, llm=llm)
     assert not (run / "laser").exists() and (run / ".laser.partial" / "resume.safetensors").exists()
     monkeypatch.setattr(tl, "_train_epoch", real_epoch)
+    with pytest.raises(CheckpointError, match="resume.safetensors: the interrupted run used another config"):
+        train_laser(run, small_config(laser={"stage1_epochs": 2, "stage2_epochs": 1, "lr": 0.002}), llm=llm,
+                    resume=True)
+    from laser_batch.llm import build_tiny_llm
+
+    with pytest.raises(CheckpointError, match="used another llm fingerprint"):
+        train_laser(run, config, llm=build_tiny_llm("llama", seed=123, tokenizer=llm.tokenizer), resume=True)
     resumed = train_laser(run, config, llm=llm, resume=True)
     assert resumed.valid_metrics == pytest.approx(straight.valid_metrics, abs=1e-9)
+    for name in ("model.safetensors", "item_matrix.safetensors"):  # optimizer, schedule and generators came back
+        assert (run / "laser" / name).read_bytes() == (straight_run / "laser" / name).read_bytes(), name
     lines = [json.loads(x) for x in (run / "laser" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in lines] == [(1, 1), (1, 2), (2, 1)]
 
@@ -258,7 +268,8 @@ def test_a_pickled_resume_file_is_refused_with_one_line_and_never_run(sasrec_run
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {run / '.laser.partial' / name}: "), result.stderr
     assert not marker.exists()
-    torch.load(run / ".laser.partial" / name, weights_only=False)  # the payload is live: loading it runs it
+    with open(run / ".laser.partial" / name, "rb") as f:  # a file object: torch picks no loader by file name
+        torch.load(f, weights_only=False)  # the payload is live: loading the file the old way runs it
     assert marker.exists()
 
 
