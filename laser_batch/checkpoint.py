@@ -22,7 +22,7 @@ from laser_batch import __version__
 from laser_batch.config import SASRecConfig, from_dict
 from laser_batch.contracts import INTERACTIONS_FILE, ITEMS_FILE
 from laser_batch.errors import CheckpointError, InputError
-from laser_batch.files import sha256_file
+from laser_batch.files import atomic_write, sha256_file
 from laser_batch.sequences import ITEM_MAP_FILE, USER_MAP_FILE
 
 FORMAT_VERSION = 1
@@ -45,7 +45,7 @@ def write_run_info(run_dir: Path, data_dir: Path) -> None:
         "created_by": f"laser-batch {__version__}",
     }
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write(run_dir / RUN_FILE, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
 
 
 def read_run_info(run_dir: Path) -> dict:

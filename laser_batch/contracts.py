@@ -10,7 +10,6 @@ Everything here is Polars + the standard library (no torch): the scoring runtime
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import polars as pl
 
 from laser_batch import __version__
 from laser_batch.errors import InputError
+from laser_batch.files import atomic_write
 
 INTERACTIONS_FILE = "interactions.parquet"
 ITEMS_FILE = "items.parquet"
@@ -181,13 +181,8 @@ def write_data_dir(
         **(extra or {}),
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / INTERACTIONS_FILE, lambda p: interactions.write_parquet(p))
-    _write_atomic(out / ITEMS_FILE, lambda p: items.write_parquet(p))
-    _write_atomic(out / CARD_FILE, lambda p: Path(p).write_text(json.dumps(card, indent=2) + "\n"))
+    atomic_write(out / INTERACTIONS_FILE, interactions.write_parquet)
+    atomic_write(out / ITEMS_FILE, items.write_parquet)
+    atomic_write(out / CARD_FILE, lambda p: p.write_text(json.dumps(card, indent=2) + "\n"))
     return card
 
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -14,7 +14,7 @@ import torch
 
 from laser_batch.config import TextConfig
 from laser_batch.model import Laser
-from laser_batch.sequences import Sequences, pad_left
+from laser_batch.sequences import Sequences, length_batches, pad_left
 from laser_batch.text import TextEncoder
 
 
@@ -46,11 +46,6 @@ def laser_inputs(llm, items: pl.DataFrame, sequences: Sequences, text_config: Te
     return LaserInputs(text, sasrec_max_len)
 
 
-def _by_length(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    order = np.argsort(lengths, kind="stable")
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 @torch.no_grad()
 def encode_items(
     model: Laser, inputs: LaserInputs, num_items: int, *, batch_size: int, progress=None, recenter: bool = False
@@ -66,7 +61,7 @@ def encode_items(
     out = torch.empty(num_items, model.llm.hidden_size)
     lengths = inputs.text.lengths([np.array([i]) for i in item_ids])
     recenter = recenter and model.config.center
-    for rows in _by_length(lengths, batch_size):
+    for rows in length_batches(lengths, batch_size):
         out[rows] = model(*inputs.items(item_ids[rows]), raw=recenter, items=True)[0]
         if progress is not None:
             progress.update(len(rows))
@@ -83,7 +78,7 @@ def recenter_users(model: Laser, inputs: LaserInputs, histories: Sequence[np.nda
     was_training = model.training
     model.eval()
     total = torch.zeros(model.llm.hidden_size)
-    for rows in _by_length(inputs.text.lengths(histories), batch_size):
+    for rows in length_batches(inputs.text.lengths(histories), batch_size):
         total += model(*inputs.users([histories[r] for r in rows]), raw=True)[0].sum(0)
     model.user_center.copy_(total / len(histories))
     model.train(was_training)
@@ -97,7 +92,7 @@ def encode_users(
     was_training = model.training
     model.eval()
     out = torch.empty(len(histories), model.llm.hidden_size)
-    for rows in _by_length(inputs.text.lengths(histories), batch_size):
+    for rows in length_batches(inputs.text.lengths(histories), batch_size):
         out[rows] = model(*inputs.users([histories[r] for r in rows]))[0]
     model.train(was_training)
     return out

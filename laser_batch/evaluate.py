@@ -89,7 +89,7 @@ def _scorer(model: str, run_dir: Path, sequences: Sequences, histories: list[np.
                               laser.sasrec.config.max_len)
         return laser_scorer(laser, inputs, item_matrix, batch_size=config["laser"]["item_batch_size"])
     from laser_batch.checkpoint import load_sasrec
-    from laser_batch.train import sasrec_scores
+    from laser_batch.training import sasrec_scores
 
     sasrec, _ = load_sasrec(run_dir / SASREC_DIR)
     sequences.check_maps(run_dir / SASREC_DIR)

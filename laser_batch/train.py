@@ -7,7 +7,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -17,25 +16,10 @@ from laser_batch.config import Config
 from laser_batch.contracts import load_data_dir
 from laser_batch.metrics import DEFAULT_KS, metrics_from_ranks, rank_targets
 from laser_batch.sasrec import SASRec
-from laser_batch.sequences import build_sequences, pad_left
+from laser_batch.sequences import build_sequences, length_batches, pad_left
+from laser_batch.training import NoProgress, Progress, sasrec_scores, seed_everything
 
 logger = logging.getLogger(__name__)
-
-
-class Progress(Protocol):
-    """What the library needs from a progress bar (tqdm satisfies it); the CLI supplies one."""
-
-    def __call__(self, *, total: int, desc: str) -> Any: ...
-
-
-class NoProgress:
-    def __init__(self, *, total: int, desc: str) -> None: ...
-
-    def update(self, n: int = 1) -> None: ...
-
-    def set_postfix(self, values: dict) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -56,20 +40,6 @@ def training_arrays(train_seqs: list[np.ndarray], max_len: int) -> tuple[np.ndar
     """
     usable = [s for s in train_seqs if len(s) >= 2]
     return pad_left([s[:-1] for s in usable], max_len), pad_left([s[1:] for s in usable], max_len)
-
-
-@torch.no_grad()
-def sasrec_scores(model: SASRec, histories: list[np.ndarray]) -> np.ndarray:
-    """Scores (B, N) over the catalogue from the vector at the last (most recent) position."""
-    width = min(model.config.max_len, max(len(h) for h in histories))
-    item_ids = torch.from_numpy(pad_left(histories, width))
-    last = model(item_ids)[:, -1]  # (B, D): left padding puts the most recent item last
-    return (last @ model.item_vectors().T).numpy()
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
 
 
 def train_sasrec(
@@ -167,7 +137,7 @@ def _train_epoch(
     model.train()
     bar = progress(total=len(inputs), desc=f"sasrec epoch {epoch}")
     total, batches = 0.0, 0
-    for rows in length_batches((inputs != 0).sum(1), batch_size, rng):
+    for rows in length_batches((inputs != 0).sum(1), batch_size, rng=rng):
         width = int((inputs[rows] != 0).sum(1).max())  # left padding: the last `width` columns hold every item
         loss = model.loss(torch.from_numpy(inputs[rows, -width:]), torch.from_numpy(targets[rows, -width:]))
         optimizer.zero_grad(set_to_none=True)
@@ -179,18 +149,3 @@ def _train_epoch(
     bar.close()
     return total / max(batches, 1)
 
-
-def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, *, pool: int = 32) -> list:
-    """Shuffled batches of row indices in which sequences have similar lengths.
-
-    Rows are shuffled, cut into pools of `pool` batches, sorted by length inside each pool and batched;
-    the batches are then shuffled. Short batches are trimmed to their longest sequence, which saves most
-    of the attention work on padding, while every epoch still sees a fresh random order.
-    """
-    order = rng.permutation(len(lengths))
-    batches = []
-    for start in range(0, len(order), batch_size * pool):
-        chunk = order[start:start + batch_size * pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]

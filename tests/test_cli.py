@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import polars as pl
 import pytest
 from typer.testing import CliRunner
@@ -67,10 +68,42 @@ def test_sasrec_clearly_beats_popularity_on_the_example(trained_run, tmp_path):
     assert sasrec["metrics"]["NDCG@10"] > 3 * pop["metrics"]["NDCG@10"]
 
 
-def test_include_history_changes_the_protocol(trained_run, tmp_path):
-    out = tmp_path / "r.json"
-    assert invoke("evaluate", trained_run, "--model", "popularity", "--include-history", "--json", out).exit_code == 0
-    assert json.loads(out.read_text())["exclude_history"] is False
+def _popularity_metrics(data_dir, exclude_history: bool) -> dict[str, float]:
+    """HR@10 and MRR of popularity on the test split, computed here item by item from the interactions."""
+    interactions = pl.read_parquet(data_dir / "interactions.parquet").with_row_index("row")
+    users = interactions.sort(["user_id", "timestamp", "row"]).group_by("user_id", maintain_order=True).agg("item_id")
+    sequences = [seq for seq in users["item_id"].to_list() if len(seq) >= 3]  # users with a test item
+    items = sorted({item for seq in sequences for item in seq})
+    column = {item: j for j, item in enumerate(items)}
+    sequences = [[column[i] for i in seq] for seq in sequences]
+    counts = np.zeros(len(items))
+    for seq in sequences:
+        np.add.at(counts, seq[:-1], 1)  # popularity over what the test split lets us see: every history
+    ranks = []
+    for seq in sequences:
+        scores = counts.copy()
+        if exclude_history:
+            scores[seq[:-1]] = -np.inf
+        ranks.append(int((scores >= scores[seq[-1]]).sum()))  # ties rank the target below
+    ranks = np.array(ranks)
+    return {"HR@10": float((ranks <= 10).mean()), "MRR": float((1.0 / ranks).mean())}
+
+
+def test_include_history_changes_the_protocol(trained_run, example_dir, tmp_path):
+    results = {}
+    for flag, echoed in (([], "history excluded"), (["--include-history"], "history included")):
+        out = tmp_path / f"r{len(flag)}.json"
+        result = invoke("evaluate", trained_run, "--model", "popularity", *flag, "--json", out)
+        assert result.exit_code == 0 and echoed in result.output, result.output
+        results[bool(flag)] = json.loads(out.read_text())
+    excluded, included = results[False], results[True]
+    assert excluded["exclude_history"] is True and included["exclude_history"] is False
+    for record, exclude in ((excluded, True), (included, False)):
+        expected = _popularity_metrics(example_dir, exclude)
+        assert {k: record["metrics"][k] for k in expected} == pytest.approx(expected, abs=1e-12), exclude
+    # Example users return to popular items they have seen: such a target (ranked last when the history is
+    # excluded) is found only with the history included, which is where popularity gains.
+    assert included["metrics"]["MRR"] > excluded["metrics"]["MRR"]
 
 
 def test_existing_stage_is_refused_without_overwrite(trained_run, example_dir):

@@ -43,6 +43,11 @@ def sasrec_run(tmp_path_factory):
     return root / "run"
 
 
+def _toml(sections: dict) -> str:
+    return "\n".join(f"[{section}]\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
+                     for section, values in sections.items()).replace("'", '"')
+
+
 def _copy_run(sasrec_run, tmp_path):
     import shutil
 
@@ -128,8 +133,21 @@ def test_training_steps_lower_the_loss_and_leave_llm_and_sasrec_bitwise_unchange
     assert not llm.model.training and not model.sasrec.training
 
 
-def test_train_writes_only_trained_weights_and_reloads_identically(sasrec_run, llm, tmp_path):
+def test_train_writes_only_trained_weights_and_reloads_identically(sasrec_run, llm, tmp_path, monkeypatch):
+    import laser_batch.train_laser as tl
+
     run = _copy_run(sasrec_run, tmp_path)
+    _, inputs, sequences = build_laser(small_config(), run, llm)
+    histories, _ = sequences.split("test")
+    trained, real_save = {}, tl.save_laser
+
+    def keep_the_trained_model(directory, model, item_matrix, *args):
+        # What the trained model in memory computes just before it is written: the reference for the reload.
+        trained.update(users=encode_users(model, inputs, histories, batch_size=8), items=item_matrix.clone(),
+                       weights={k: v.clone() for k, v in model.trainable_state_dict().items()})
+        real_save(directory, model, item_matrix, *args)
+
+    monkeypatch.setattr(tl, "save_laser", keep_the_trained_model)
     result = train_laser(run, small_config(), llm=llm)
     files = sorted(p.name for p in (run / "laser").iterdir())
     assert files == ["config.json", "item_ids.parquet", "item_matrix.safetensors", "metrics.jsonl",
@@ -145,12 +163,11 @@ def test_train_writes_only_trained_weights_and_reloads_identically(sasrec_run, l
     saved = load_file(str(run / "laser" / "model.safetensors"))
     assert not any(k.startswith(("llm", "sasrec")) for k in saved)
     model, item_matrix, _ = load_laser(run, llm=llm)
-    again, item_matrix_again, _ = load_laser(run, llm=llm)
-    _, inputs, sequences = build_laser(small_config(), run, llm)
-    histories, _ = sequences.split("test")
-    torch.testing.assert_close(encode_users(model, inputs, histories, batch_size=8),
-                               encode_users(again, inputs, histories, batch_size=8), rtol=0, atol=0)
-    torch.testing.assert_close(item_matrix, item_matrix_again, rtol=0, atol=0)
+    untrained, _, _ = build_laser(small_config(), run, llm)
+    assert not torch.equal(encode_users(untrained, inputs, histories, batch_size=8), trained["users"])  # it learnt
+    torch.testing.assert_close(model.trainable_state_dict(), trained["weights"], rtol=0, atol=0)
+    torch.testing.assert_close(encode_users(model, inputs, histories, batch_size=8), trained["users"], rtol=0, atol=0)
+    torch.testing.assert_close(item_matrix, trained["items"], rtol=0, atol=0)
     assert item_matrix.shape == (sequences.num_items, llm.hidden_size)
 
 
@@ -192,7 +209,8 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(sasrec_run, l
     import laser_batch.train_laser as tl
 
     config = small_config(laser={"stage1_epochs": 2, "stage2_epochs": 1})
-    straight = train_laser(_copy_run(sasrec_run, tmp_path / "a"), config, llm=llm)
+    straight_run = _copy_run(sasrec_run, tmp_path / "a")
+    straight = train_laser(straight_run, config, llm=llm)
 
     run = _copy_run(sasrec_run, tmp_path / "b")
     real_epoch, calls = tl._train_epoch, []
@@ -206,12 +224,53 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(sasrec_run, l
     monkeypatch.setattr(tl, "_train_epoch", dies_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
         train_laser(run, config, llm=llm)
-    assert not (run / "laser").exists() and (run / ".laser.partial" / "resume.pt").exists()
+    assert not (run / "laser").exists() and (run / ".laser.partial" / "resume.safetensors").exists()
     monkeypatch.setattr(tl, "_train_epoch", real_epoch)
+    with pytest.raises(CheckpointError, match="resume.safetensors: the interrupted run used another config"):
+        train_laser(run, small_config(laser={"stage1_epochs": 2, "stage2_epochs": 1, "lr": 0.002}), llm=llm,
+                    resume=True)
+    from laser_batch.llm import build_tiny_llm
+
+    with pytest.raises(CheckpointError, match="used another llm fingerprint"):
+        train_laser(run, config, llm=build_tiny_llm("llama", seed=123, tokenizer=llm.tokenizer), resume=True)
     resumed = train_laser(run, config, llm=llm, resume=True)
     assert resumed.valid_metrics == pytest.approx(straight.valid_metrics, abs=1e-9)
+    for name in ("model.safetensors", "item_matrix.safetensors"):  # optimizer, schedule and generators came back
+        assert (run / "laser" / name).read_bytes() == (straight_run / "laser" / name).read_bytes(), name
     lines = [json.loads(x) for x in (run / "laser" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["epoch"]) for r in lines] == [(1, 1), (1, 2), (2, 1)]
+
+
+class _RunsCode:
+    """Unpickling this creates MARKER: what a pickled resume file from someone else could do instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("name", ["resume.safetensors", "resume.pt"])
+def test_a_pickled_resume_file_is_refused_with_one_line_and_never_run(sasrec_run, tmp_path, name):
+    from typer.testing import CliRunner
+
+    from laser_batch.cli import app
+
+    run, marker = _copy_run(sasrec_run, tmp_path), tmp_path / "payload-ran"
+    (run / ".laser.partial").mkdir()
+    torch.save({"state": _RunsCode(marker)}, run / ".laser.partial" / name)
+    config = tmp_path / "small.toml"
+    config.write_text(_toml(SMALL))
+    result = CliRunner().invoke(app, ["-q", "train", "--stage", "laser", "--out", str(run), "--llm", "tiny",
+                                      "--config", str(config), "--resume"])
+    assert result.exit_code != 0 and not (run / "laser").exists()
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {run / '.laser.partial' / name}: "), result.stderr
+    assert not marker.exists()
+    with open(run / ".laser.partial" / name, "rb") as f:  # a file object: torch picks no loader by file name
+        torch.load(f, weights_only=False)  # the payload is live: loading the file the old way runs it
+    assert marker.exists()
 
 
 def test_nothing_to_train_is_a_config_error():
@@ -249,8 +308,7 @@ def test_cli_trains_all_stages_and_evaluates_laser(tmp_path):
 
     write_example(tmp_path / "data", users=80, items=40, seed=5)
     config = tmp_path / "small.toml"
-    config.write_text("\n".join(f"[{section}]\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
-                                for section, values in SMALL.items()).replace("'", '"'))
+    config.write_text(_toml(SMALL))
     runner = CliRunner()
     result = runner.invoke(app, ["train", "--stage", "all", "--data", str(tmp_path / "data"), "--out",
                                  str(tmp_path / "run"), "--llm", "tiny", "--config", str(config)])

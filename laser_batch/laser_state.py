@@ -1,0 +1,156 @@
+"""What a Laser training run works with (`LaserTraining`) and carries from epoch to epoch (`LaserState`).
+
+After every epoch both go to RUN_DIR/.laser.partial/resume.safetensors (tensors in the body, the rest as JSON in
+its header: laser_batch.state_file, no pickle), so an interrupted run continues from its last finished epoch with
+the same weights, optimizer moments, learning-rate schedule and random generators: the same result as a run that
+was never interrupted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from laser_batch.config import LaserConfig
+from laser_batch.contracts import first_line
+from laser_batch.encode import LaserInputs, encode_items, laser_scorer, recenter_users
+from laser_batch.errors import CheckpointError
+from laser_batch.metrics import metrics_from_ranks, rank_targets
+from laser_batch.model import Laser
+from laser_batch.sequences import Sequences
+from laser_batch.state_file import read_state, write_state
+from laser_batch.training import Progress
+
+RESUME_FILE = "resume.safetensors"
+LEGACY_RESUME_FILE = "resume.pt"  # pickled by earlier versions: refused, never loaded
+RESUME_FORMAT_VERSION = 2
+
+
+@dataclass
+class LaserTraining:
+    """Everything an epoch works with: the model and its inputs, the optimisation, the data and the settings."""
+
+    model: Laser
+    inputs: LaserInputs
+    sequences: Sequences
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rng: np.random.Generator  # training samples and batch order
+    config: LaserConfig
+    progress: Progress
+    valid: tuple[list[np.ndarray], np.ndarray]  # (histories, targets) that select the best epoch
+    ks: list[int]
+    eval_batch_size: int
+    select: str  # the validation metric that picks the best epoch
+    centre_histories: list[np.ndarray]  # the fixed sample `laser.center_users` centres users by
+
+    def encode_catalogue(self) -> torch.Tensor:
+        """Re-encode every item (stage 1's item matrix), re-centring users and items as configured: (N, D)."""
+        bar = self.progress(total=self.sequences.num_items, desc="encoding items")
+        items = encode_items(self.model, self.inputs, self.sequences.num_items, batch_size=self.config.item_batch_size,
+                             progress=bar, recenter=True)
+        bar.close()
+        if self.config.center_users:
+            recenter_users(self.model, self.inputs, self.centre_histories, batch_size=self.config.item_batch_size)
+        return items
+
+    def validate(self, items: torch.Tensor) -> dict[str, float]:
+        """Full-ranking metrics of the validation users against `items`."""
+        histories, targets = self.valid
+        scorer = laser_scorer(self.model, self.inputs, items, batch_size=self.config.item_batch_size)
+        return metrics_from_ranks(rank_targets(scorer, histories, targets, batch_size=self.eval_batch_size), self.ks)
+
+
+@dataclass
+class Best:
+    """The best validated epoch so far: where it was, its metrics, its trained weights and its item matrix."""
+
+    stage: int
+    epoch: int
+    metrics: dict[str, float]
+    items: torch.Tensor  # (N, D)
+    weights: dict[str, torch.Tensor]
+
+
+@dataclass
+class LaserState:
+    """What the epoch loop carries from one epoch to the next (and a resumed run picks up)."""
+
+    config: dict  # the run's whole configuration: a resumed run must use the same
+    llm_fingerprint: str
+    stage: int = 1  # the stage in progress (3 once both are done)
+    epoch: int = 0  # the last finished epoch of `stage`
+    stale: int = 0  # epochs of `stage` since the best one improved (for `laser.patience`)
+    best: Best | None = None
+    frozen_items: torch.Tensor | None = None  # stage 2's item matrix, (N, D)
+    epoch_seconds: list[float] = field(default_factory=list)
+
+    def record(self, stage: int, epoch: int, metrics: dict[str, float], items: torch.Tensor, model: Laser,
+               select: str) -> None:
+        """Count a finished epoch, keeping its weights and items when `select` improved."""
+        self.stage, self.epoch = stage, epoch
+        if self.best is None or metrics[select] > self.best.metrics[select]:
+            weights = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+            self.best, self.stale = Best(stage, epoch, metrics, items.clone(), weights), 0
+        else:
+            self.stale += 1
+
+    def finish_stage(self) -> None:
+        self.stage, self.epoch, self.stale = self.stage + 1, 0, 0
+
+    def to_tree(self) -> dict[str, Any]:
+        return {**vars(self), "best": None if self.best is None else vars(self.best)}
+
+    @classmethod
+    def from_tree(cls, tree: dict[str, Any]) -> LaserState:
+        best = tree["best"]
+        return cls(**{**tree, "best": None if best is None else Best(**best)})
+
+
+def save_resume(directory: Path, training: LaserTraining, state: LaserState) -> None:
+    """Write the state of `training` and `state` to DIRECTORY/resume.safetensors (atomically)."""
+    write_state(Path(directory) / RESUME_FILE, {
+        "format_version": RESUME_FORMAT_VERSION,
+        "state": state.to_tree(),
+        "model": training.model.trainable_state_dict(),
+        "optimizer": training.optimizer.state_dict(),
+        "scheduler": training.scheduler.state_dict(),
+        "numpy_rng": training.rng.bit_generator.state,
+        "torch_rng": torch.get_rng_state(),
+    })
+
+
+def load_resume(directory: Path, training: LaserTraining, fresh: LaserState) -> LaserState:
+    """Restore `training` from DIRECTORY/resume.safetensors and return the saved state; `fresh` if there is none.
+
+    The file must come from a run with the same configuration and LLM. An old pickled resume.pt is refused
+    unread: reading it could run code.
+    """
+    path, legacy = Path(directory) / RESUME_FILE, Path(directory) / LEGACY_RESUME_FILE
+    if not path.exists():
+        if legacy.exists():
+            raise CheckpointError(f"{legacy}: a pickled resume file, which laser-batch does not load (it can run "
+                                  "code); start over without --resume")
+        return fresh
+    tree = read_state(path)
+    if tree.get("format_version") != RESUME_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: resume format version {tree.get('format_version')!r}, expected "
+                              f"{RESUME_FORMAT_VERSION}; start over without --resume")
+    saved = tree["state"]
+    for key in ("config", "llm_fingerprint"):
+        if saved.get(key) != getattr(fresh, key):
+            raise CheckpointError(f"{path}: the interrupted run used another {key.replace('_', ' ')}; "
+                                  "start over without --resume")
+    try:
+        training.model.load_state_dict(tree["model"], strict=True)
+        training.optimizer.load_state_dict(tree["optimizer"])
+        training.scheduler.load_state_dict(tree["scheduler"])
+        training.rng.bit_generator.state = tree["numpy_rng"]
+        torch.set_rng_state(tree["torch_rng"])
+        return LaserState.from_tree(saved)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: cannot resume ({first_line(e)})") from e
