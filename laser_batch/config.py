@@ -147,7 +147,7 @@ class MFormerConfig:
     top_k: int = 1
     id_window: int = 10  # the last N history positions of the frozen SASRec feed the cross-attention
     # Multiplies the initial output projection: < 1 starts the prefix below the LLM's token-embedding scale (at 1,
-    # SmolLM2's initial prefix rows are 2.7x its token rows and decide its output: benchmarks/laser_prefix_leverage.py)
+    # SmolLM2's initial prefix rows are 2.7x its token rows and decide its output: benchmarks/README.md)
     output_init_scale: float = 1.0
     dropout: float = 0.1
 
