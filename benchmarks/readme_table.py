@@ -295,8 +295,9 @@ def headline_table(results_dir: Path) -> str:
     rows.append(f"| SmolLM2-135M Laser user encoder, ONNX Runtime fp32, CPU | {fp32['users_per_s']:.2f} users/s "
                 f"| PyTorch eager fp32 {smollm2['torch_fp32_users_per_s']:.2f} users/s |")
     cpus = sorted({json.loads(p.read_text())["machine"]["cpu"] for p in results_dir.glob("*.json")})
-    return "\n".join(rows) + (f"\n\nLeave-one-out test split, full ranking, history excluded; measured on 2-core "
-                              f"machines ({' / '.join(cpus)}). Every row, with its command, in benchmarks/README.md.")
+    return "\n".join(rows) + (f"\n\nHR@10 / NDCG@10: leave-one-out test split, full ranking, history excluded. "
+                              f"Measured on 2-core machines ({' / '.join(cpus)}); every row, with its command and "
+                              f"machine, in benchmarks/README.md.")
 
 
 # Which tables each file holds, in order.
