@@ -1,7 +1,10 @@
-"""Rewrite the benchmark tables of README.md from benchmarks/results/*.json.
+"""Rewrite the generated tables of README.md and benchmarks/README.md from benchmarks/results/*.json.
 
-    python benchmarks/readme_table.py          # rewrites README.md in place
-    python benchmarks/readme_table.py --check  # exits 1 when README.md is out of date
+    python benchmarks/readme_table.py          # rewrites both files in place
+    python benchmarks/readme_table.py --check  # exits 1 when a table in either file is out of date
+
+Each table sits between `<!-- NAME-table:begin -->` and `<!-- NAME-table:end -->`; a file that lacks the markers of
+one of its tables is an error, so a table cannot silently drop out of the check.
 """
 
 from __future__ import annotations
@@ -12,9 +15,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- sasrec-table:begin -->", "<!-- sasrec-table:end -->"
-# each between <!-- NAME-table:begin --> and <!-- NAME-table:end -->
-TABLES = ("sasrec", "laser", "laser-proxy", "laser-bypass", "export", "score", "score-ray")
 LASER_ROWS = (("popularity", "popularity"), ("sasrec", "SASRec alone (frozen ID model)"), ("laser", "**Laser**"),
               ("laser_no_prefix", "Laser, no prefix"), ("laser_no_moe", "Laser, no MoE (K = 1)"))
 DATASETS = ("Beauty", "Sports_and_Outdoors", "LastFM")
@@ -97,10 +97,10 @@ def _reference_rows(reference: dict, labels: tuple, empty: int) -> list[str]:
 
 
 def laser_proxy_table(results_dir: Path) -> str:
-    """Laser with the embedded tiny LLM on ML-100K (benchmarks/laser_tiny_proxy.py): loss and validation per epoch."""
+    """Laser with the embedded tiny LLM on ML-100K (diagnostics/laser_tiny_proxy.py): loss and validation per epoch."""
     path = results_dir / "laser_tiny_proxy.json"
     if not path.exists():
-        return "(no results yet: run python benchmarks/laser_tiny_proxy.py)"
+        return "(no results yet: run python benchmarks/diagnostics/laser_tiny_proxy.py)"
     r = json.loads(path.read_text())
     rows = ["| variant | test HR@10 | NDCG@10 | MRR | loss by epoch | valid HR@10 by epoch | CPU |",
             "|---|---|---|---|---|---|---|"]
@@ -117,10 +117,10 @@ def laser_proxy_table(results_dir: Path) -> str:
 
 
 def laser_bypass_table(results_dir: Path) -> str:
-    """Laser's collaborative path with the LLM taken out (benchmarks/laser_bypass_llm.py): test metrics per variant."""
+    """Laser's collaborative path with the LLM taken out (diagnostics/laser_bypass_llm.py): test metrics per variant."""
     path = results_dir / "laser_bypass_llm.json"
     if not path.exists():
-        return "(no results yet: run python benchmarks/laser_bypass_llm.py)"
+        return "(no results yet: run python benchmarks/diagnostics/laser_bypass_llm.py)"
     r = json.loads(path.read_text())
     rows = ["| variant | test HR@10 | NDCG@10 | MRR | changes | seconds |", "|---|---|---|---|---|---|"]
     rows += _reference_rows(r["reference"], (("popularity", "popularity"), ("sasrec", "SASRec alone"),
@@ -233,10 +233,10 @@ def score_table(results_dir: Path) -> str:
 
 
 def sensitivity_table(results_dir: Path) -> str:
-    """How exact a user embedding must be to keep its top-10 (benchmarks/topk_sensitivity.py)."""
+    """How exact a user embedding must be to keep its top-10 (benchmarks/diagnostics/topk_sensitivity.py)."""
     path = results_dir / "topk_sensitivity.json"
     if not path.exists():
-        return "(no results yet: run python benchmarks/topk_sensitivity.py)"
+        return "(no results yet: run python benchmarks/diagnostics/topk_sensitivity.py)"
     r = json.loads(path.read_text())
     shown = (0.99, 0.999, 0.9999, 0.99999)
     rows = ["| model | " + " | ".join(f"cosine {c}" for c in shown)
@@ -264,30 +264,90 @@ def sensitivity_table(results_dir: Path) -> str:
         + f"\n\nMeasured on {r['machine']['cpu']}, {r['machine']['torch_threads']} threads.")
 
 
-def render(readme: str, table: str, name: str = "sasrec") -> str:
+def _hr_ndcg(metrics: dict) -> str:
+    return f"{_fmt(metrics, 'HR@10')} / {_fmt(metrics, 'NDCG@10')}"
+
+
+def headline_table(results_dir: Path) -> str:
+    """README.md's one table: the headline number of each benchmark against its reference."""
+    rows = ["| benchmark | laser-batch | reference |", "|---|---|---|"]
+    for path in (results_dir / f"sasrec_{name}.json" for name in DATASETS):
+        r = json.loads(path.read_text())
+        rows.append(f"| SASRec on {r['dataset']}: test HR@10 / NDCG@10 | {_hr_ndcg(r['models']['sasrec'])} "
+                    f"| published SASRec {_hr_ndcg(r['published']['sasrec'])} |")
+    # the benchmark's own config and its variants (benchmarks/configs/laser_ml100k_*.toml); the best Laser of them
+    configs = {p.stem.removeprefix("laser_ml100k").removeprefix("_") or "main": json.loads(p.read_text())["models"]
+               for p in sorted(results_dir.glob("laser_ml100k*.json"))}
+    best = max((name for name in configs if "laser" in configs[name]), key=lambda n: configs[n]["laser"]["HR@10"])
+    reference = configs["main"]
+    rows.append(f"| Laser (SmolLM2-135M) on MovieLens-100K, best of {len(configs)} configs (`{best}`): test HR@10 / "
+                f"NDCG@10 | {_hr_ndcg(configs[best]['laser'])} | SASRec alone {_hr_ndcg(reference['sasrec'])}; "
+                f"popularity {_hr_ndcg(reference['popularity'])} |")
+    score = json.loads((results_dir / "score_throughput.json").read_text())
+    largest = {s.get("model", "laser"): s for s in sorted(score["scaling"], key=lambda s: s["users"])}
+    laser, sasrec = largest["laser"], largest["sasrec"]
+    rows.append(f"| `laser-batch score`, tiny Laser artefacts, {laser['users']:,} synthetic users, CPU | "
+                f"{laser['users_per_s']:.0f} users/s, peak RSS {laser['peak_rss_mb']:.0f} MB | SASRec-only "
+                f"artefacts, {sasrec['users']:,} users: {sasrec['users_per_s']:,.0f} users/s, "
+                f"{sasrec['peak_rss_mb']:.0f} MB |")
+    smollm2 = score["smollm2"]
+    fp32 = next(v for v in smollm2["ort"] if v["variant"] == "fp32")
+    rows.append(f"| SmolLM2-135M Laser user encoder, ONNX Runtime fp32, CPU | {fp32['users_per_s']:.2f} users/s "
+                f"| PyTorch eager fp32 {smollm2['torch_fp32_users_per_s']:.2f} users/s |")
+    cpus = sorted({json.loads(p.read_text())["machine"]["cpu"] for p in results_dir.glob("*.json")})
+    return "\n".join(rows) + (f"\n\nHR@10 / NDCG@10: leave-one-out test split, full ranking, history excluded. "
+                              f"Measured on 2-core machines ({' / '.join(cpus)}); every row, with its command and "
+                              f"machine, in benchmarks/README.md.")
+
+
+# Which tables each file holds, in order.
+TABLES = {
+    "README.md": (("headline", headline_table),),
+    "benchmarks/README.md": (
+        ("sasrec", sasrec_table), ("laser", laser_table), ("laser-proxy", laser_proxy_table),
+        ("laser-bypass", laser_bypass_table), ("export", export_table), ("topk-sensitivity", sensitivity_table),
+        ("score", score_table), ("score-ray", score_ray_table),
+    ),
+}
+
+
+def render(text: str, table: str, name: str, where: str) -> str:
+    """`text` with the lines between NAME's markers replaced by `table`."""
     begin, end = f"<!-- {name}-table:begin -->", f"<!-- {name}-table:end -->"
-    if begin not in readme:
-        return readme
-    head, _, rest = readme.partition(begin)
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise SystemExit(f"{where}: expected one {begin} and one {end}")
+    head, _, rest = text.partition(begin)
     _, _, tail = rest.partition(end)
     return f"{head}{begin}\n{table}\n{end}{tail}"
+
+
+def regenerate(root: Path) -> dict[Path, tuple[str, str]]:
+    """For each file with generated tables: (its text now, its text with every table regenerated)."""
+    results = root / "benchmarks" / "results"
+    out = {}
+    for name, tables in TABLES.items():
+        path = root / name
+        text = updated = path.read_text()
+        for table, make in tables:
+            updated = render(updated, make(results), table, name)
+        out[path] = (text, updated)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the repository (default: this one)")
     args = parser.parse_args()
-    readme_path = ROOT / "README.md"
-    readme = readme_path.read_text()
-    results = ROOT / "benchmarks" / "results"
-    updated = readme
-    for name, make in (("sasrec", sasrec_table), ("laser", laser_table), ("laser-proxy", laser_proxy_table),
-                       ("laser-bypass", laser_bypass_table), ("export", export_table), ("score", score_table),
-                       ("score-ray", score_ray_table), ("topk-sensitivity", sensitivity_table)):
-        updated = render(updated, make(results), name)
+    files = regenerate(args.root)
+    stale = [str(path) for path, (text, updated) in files.items() if text != updated]
     if args.check:
-        sys.exit(0 if updated == readme else 1)
-    readme_path.write_text(updated)
+        if stale:
+            print(f"stale generated tables in {', '.join(stale)}: run python benchmarks/readme_table.py")
+        sys.exit(1 if stale else 0)
+    for path, (text, updated) in files.items():
+        if text != updated:
+            path.write_text(updated)
 
 
 if __name__ == "__main__":

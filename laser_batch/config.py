@@ -6,6 +6,10 @@ A config file has one table per component:
     hidden_size = 64
     [train]
     epochs = 100
+
+A file may start with `extends = "base.toml"` (a path relative to itself): it then holds only what it changes.
+Its tables and keys override the base's key by key; a base may extend another; a cycle or a missing base is an
+error naming the file.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ def _require(condition: bool, option: str, value: object, expected: str) -> None
 
 @dataclass
 class SASRecConfig:
-    """The ID model. Defaults follow the strong full-catalogue cross-entropy setting (hidden 50, 2 blocks)."""
+    """The ID model. Defaults follow the strong full-catalogue cross-entropy setting (hidden 64, 2 blocks)."""
 
     hidden_size: int = 64
     num_blocks: int = 2
@@ -143,7 +147,7 @@ class MFormerConfig:
     top_k: int = 1
     id_window: int = 10  # the last N history positions of the frozen SASRec feed the cross-attention
     # Multiplies the initial output projection: < 1 starts the prefix below the LLM's token-embedding scale (at 1,
-    # SmolLM2's initial prefix rows are 2.7x its token rows and decide its output: benchmarks/laser_prefix_leverage.py)
+    # SmolLM2's initial prefix rows are 2.7x its token rows and decide its output: benchmarks/README.md)
     output_init_scale: float = 1.0
     dropout: float = 0.1
 
@@ -281,15 +285,39 @@ def _check_type(value: object, hint: object, option: str) -> object:
 
 def load_config(path: Path | None = None, **overrides: dict) -> Config:
     """Read a TOML config (all keys optional), then apply `overrides` such as train={"epochs": 3}."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    data: dict = _read_toml(Path(path), ()) if path is not None else {}
     for section, values in overrides.items():
         data.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     return from_dict(Config, data, "")
+
+
+def _read_toml(path: Path, extended_by: tuple[Path, ...]) -> dict:
+    """The tables of `path` laid over those of the file it `extends`, key by key. `extended_by`: the chain so far."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    if "extends" not in data:
+        return data
+    name = data.pop("extends")
+    if not isinstance(name, str):
+        raise ConfigError(f"{path}: extends = {name!r} is invalid: expected the path of a base config (a string)")
+    base = path.parent / name
+    chain = (*extended_by, path.resolve())
+    if base.resolve() in chain:
+        names = " -> ".join(str(p) for p in (*chain, base.resolve()))
+        raise ConfigError(f"{path}: extends = {name!r} makes a cycle ({names})")
+    if not base.is_file():
+        raise ConfigError(f"{path}: extends = {name!r}, but {base} is not a file")
+    return _overlay(_read_toml(base, chain), data)
+
+
+def _overlay(base: dict, over: dict) -> dict:
+    """`base` with every key of `over` replacing it; tables present in both are merged the same way."""
+    merged = dict(base)
+    for key, value in over.items():
+        both_tables = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = _overlay(merged[key], value) if both_tables else value
+    return merged

@@ -52,3 +52,47 @@ def test_paper_preset_sets_the_paper_sizes(tmp_path):
     path.write_text("[mformer]\npreset = 'paper'\n")
     m = load_config(path).mformer
     assert (m.num_experts, m.num_queries, m.hidden_size, m.num_blocks, m.cross_attention_freq) == (8, 32, 768, 12, 2)
+
+
+def _write(directory, name, text):
+    path = directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_extends_overrides_the_base_key_by_key(tmp_path):
+    _write(tmp_path, "base.toml", "[sasrec]\nhidden_size = 32\ndropout = 0.1\n[train]\nepochs = 7\n")
+    # relative to the extending file, not to the working directory
+    child = _write(tmp_path / "variants", "child.toml", 'extends = "../base.toml"\n[sasrec]\ndropout = 0.3\n')
+    cfg = load_config(child, train={"seed": 3})
+    assert (cfg.sasrec.hidden_size, cfg.sasrec.dropout) == (32, 0.3)  # the base's key kept, the child's wins
+    assert (cfg.train.epochs, cfg.train.seed) == (7, 3)  # a table only the base has; overrides still apply last
+
+
+def test_extends_chains(tmp_path):
+    _write(tmp_path, "a.toml", "[train]\nepochs = 1\nlr = 0.5\nseed = 1\n")
+    _write(tmp_path, "b.toml", 'extends = "a.toml"\n[train]\nlr = 0.25\nseed = 2\n')
+    c = _write(tmp_path, "c.toml", 'extends = "b.toml"\n[train]\nseed = 3\n')
+    t = load_config(c).train
+    assert (t.epochs, t.lr, t.seed) == (1, 0.25, 3)
+
+
+@pytest.mark.parametrize("files, start, message", [
+    ({"a.toml": 'extends = "a.toml"\n'}, "a.toml", r"a\.toml: extends = 'a\.toml' makes a cycle"),
+    ({"a.toml": 'extends = "b.toml"\n', "b.toml": 'extends = "a.toml"\n'}, "a.toml",
+     r"b\.toml: extends = 'a\.toml' makes a cycle \(.*a\.toml -> .*b\.toml -> .*a\.toml\)"),
+    ({"a.toml": 'extends = "gone.toml"\n'}, "a.toml",
+     r"a\.toml: extends = 'gone\.toml', but .*gone\.toml is not a file"),
+    ({"a.toml": "extends = 3\n"}, "a.toml", r"a\.toml: extends = 3 is invalid"),
+    # unknown keys are still errors, in the base as in the extending file
+    ({"a.toml": 'extends = "b.toml"\n[sasrec]\nhiden_size = 3\n', "b.toml": ""}, "a.toml", "sasrec.hiden_size"),
+    ({"a.toml": 'extends = "b.toml"\n', "b.toml": "[trian]\nepochs = 3\n"}, "a.toml", "unknown config key.*trian"),
+    ({"a.toml": 'extends = "b.toml"\n', "b.toml": "[sasrec\n"}, "a.toml", r"b\.toml: not valid TOML"),
+])
+def test_bad_extends_is_one_line_naming_the_file(tmp_path, files, start, message):
+    for name, text in files.items():
+        _write(tmp_path, name, text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(tmp_path / start)
+    assert "\n" not in str(error.value)

@@ -1,6 +1,6 @@
 """Laser's training dynamics on MovieLens-100K with the embedded tiny LLM: a fast proxy for the SmolLM2 benchmark.
 
-    python benchmarks/laser_tiny_proxy.py [--variant NAME ...]
+    python benchmarks/diagnostics/laser_tiny_proxy.py [--variant NAME ...]
 
 Same data, frozen SASRec and configuration as benchmarks/laser_ml100k.py (run that first: it fetches the data
 and trains SASRec), but the frozen LLM is the embedded tiny one (float32), so a Laser epoch takes seconds
@@ -19,14 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from laser_ml100k import METRICS, save
-from sasrec_s3rec import machine
-
 from laser_batch.config import load_config
 from laser_batch.evaluate import evaluate_run
 from laser_batch.train_laser import train_laser
 
-HERE = Path(__file__).resolve().parent
+BENCHMARKS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BENCHMARKS))  # run as a script: the benchmark scripts' shared helpers live one level up
+from laser_ml100k import METRICS, save  # noqa: E402
+from sasrec_s3rec import machine  # noqa: E402
+
 COMMON = {"llm": {"source": "tiny", "dtype": "float32"}, "laser": {"stage1_epochs": 4, "stage2_epochs": 0},
           "mformer": {"id_window": 10}}  # the setting of every recorded variant (the benchmark config now has 1)
 VARIANTS = {  # name -> [laser] changes on top of COMMON and the benchmark config
@@ -46,9 +47,9 @@ def start(doc: str, variants: dict, results_name: str, common: dict):
     """The variant benchmarks' common start: (args, base run dir, record with popularity and SASRec references)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--variant", action="append", choices=list(variants))
-    parser.add_argument("--work", type=Path, default=HERE / "work" / "ml100k")
-    parser.add_argument("--config", type=Path, default=HERE / "configs" / "laser_ml100k.toml")
-    parser.add_argument("--results", type=Path, default=HERE / "results" / results_name)
+    parser.add_argument("--work", type=Path, default=BENCHMARKS / "work" / "ml100k")
+    parser.add_argument("--config", type=Path, default=BENCHMARKS / "configs" / "laser_ml100k.toml")
+    parser.add_argument("--results", type=Path, default=BENCHMARKS / "results" / results_name)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     base = args.work / "run"

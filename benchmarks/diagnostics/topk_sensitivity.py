@@ -1,6 +1,7 @@
 """How exact must a user embedding be to keep its top-10? The bound behind the 98%-agreement targets.
 
-    python benchmarks/topk_sensitivity.py --run benchmarks/work/ml100k_soft_long/run_laser [--users 256]
+    python benchmarks/diagnostics/topk_sensitivity.py --run benchmarks/work/ml100k_soft_lowlr/run_laser_no_moe \
+        [--users 256]
 
 Any faster encoder (bf16 weights, int8 weights or activations) returns a user embedding at some cosine c < 1 from
 the fp32 one; whether that keeps the user's top-10 depends on how close the 10th and 11th items score. This
@@ -32,9 +33,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from sasrec_s3rec import machine
 
-HERE = Path(__file__).resolve().parent
+BENCHMARKS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BENCHMARKS))  # run as a script: the benchmark scripts' shared helpers live one level up
+from sasrec_s3rec import machine  # noqa: E402
+
 COSINES = (0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99995, 0.99999, 0.999999)
 SEEDS = 5
 TARGET = 0.98
@@ -89,7 +92,7 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a Laser run directory (benchmarks/laser_ml100k.py)")
     parser.add_argument("--users", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "topk_sensitivity.json")
+    parser.add_argument("--results", type=Path, default=BENCHMARKS / "results" / "topk_sensitivity.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch

@@ -1,6 +1,7 @@
 """Diagnostic: what the item embeddings of trained Laser runs encode, from their saved item matrices.
 
-    python benchmarks/laser_item_neighbours.py --data DATA_DIR --sasrec RUN/sasrec --run NAME=RUN/laser [...]
+    python benchmarks/diagnostics/laser_item_neighbours.py --data DATA_DIR --sasrec RUN/sasrec \
+        --run NAME=RUN/laser [...]
 
 For each item matrix (and the frozen SASRec's item-embedding table) it takes every item's 10 nearest items by cosine
 and reports the share of those neighbours that share a genre with the item (content: what an LLM reading the item
@@ -18,7 +19,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from safetensors.numpy import load_file
-from sasrec_s3rec import machine
+
+BENCHMARKS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BENCHMARKS))  # run as a script: the benchmark scripts' shared helpers live one level up
+from sasrec_s3rec import machine  # noqa: E402
 
 K = 10
 EXAMPLES = ("Star Wars", "Toy Story", "Fargo", "Scream")
@@ -56,7 +60,7 @@ def main() -> None:
     parser.add_argument("--sasrec", type=Path, required=True, help="the frozen SASRec's checkpoint directory")
     parser.add_argument("--run", action="append", required=True, help="NAME=LASER_DIR (a run's laser/ directory)")
     parser.add_argument("--results", type=Path,
-                        default=Path(__file__).parent / "results" / "laser_item_neighbours.json")
+                        default=BENCHMARKS / "results" / "laser_item_neighbours.json")
     args = parser.parse_args()
 
     items = pl.read_parquet(args.data / "items.parquet").sort("item_id")
@@ -83,7 +87,7 @@ def main() -> None:
             "examples": {titles[i]: [titles[j] for j in near[i][:5]] for i in picks},
             "source": sources[name],
         }
-    record.update(command=" ".join(["python", "benchmarks/laser_item_neighbours.py", *sys.argv[1:]]),
+    record.update(command=" ".join(["python", "benchmarks/diagnostics/laser_item_neighbours.py", *sys.argv[1:]]),
                   machine=machine())
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(record, indent=1) + "\n")

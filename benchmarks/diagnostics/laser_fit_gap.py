@@ -1,7 +1,7 @@
 """Diagnostic: does a trained Laser run fit its training targets better than held-out ones (memorisation), or not
 even those (under-fitting)? Compared with the frozen SASRec it was built on.
 
-    python benchmarks/laser_fit_gap.py --run RUN_DIR [--users 300] [--results FILE]
+    python benchmarks/diagnostics/laser_fit_gap.py --run RUN_DIR [--users 300] [--results FILE]
 
 For the same users (evenly spread, the ones `laser.valid_users` picks) it ranks the full catalogue, history excluded,
 for three targets: the last training item (a target in every epoch, since `training_samples` always takes it), an
@@ -19,14 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from laser_ml100k import METRICS
-from sasrec_s3rec import machine
 
 from laser_batch.checkpoint import read_run_info
 from laser_batch.contracts import load_data_dir
 from laser_batch.evaluate import _scorer  # the scorer `laser-batch evaluate` uses, for targets it has no split for
 from laser_batch.metrics import metrics_from_ranks, rank_targets
 from laser_batch.sequences import build_sequences, evenly_spread
+
+BENCHMARKS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BENCHMARKS))  # run as a script: the benchmark scripts' shared helpers live one level up
+from laser_ml100k import METRICS  # noqa: E402
+from sasrec_s3rec import machine  # noqa: E402
 
 
 def targets(seqs: list[np.ndarray], users: np.ndarray, rng: np.random.Generator) -> dict:
@@ -50,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True, help="a run directory with sasrec/ and laser/")
     parser.add_argument("--users", type=int, default=300)
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "laser_fit_gap.json")
+    parser.add_argument("--results", type=Path, default=BENCHMARKS / "results" / "laser_fit_gap.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
 
@@ -68,7 +71,8 @@ def main() -> None:
                for model, score in scorers.items()}
     record = {"run": str(args.run), "users": int(len(users)), "results": results,
               "seconds": round(time.perf_counter() - started),
-              "command": " ".join(["python", "benchmarks/laser_fit_gap.py", *sys.argv[1:]]), "machine": machine()}
+              "command": " ".join(["python", "benchmarks/diagnostics/laser_fit_gap.py", *sys.argv[1:]]),
+              "machine": machine()}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(record, indent=1) + "\n")
     for model, by_case in results.items():

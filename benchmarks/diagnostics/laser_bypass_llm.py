@@ -1,6 +1,6 @@
 """Diagnostic: Laser's M-Former and two-stage training with the LLM taken out, on MovieLens-100K.
 
-    python benchmarks/laser_bypass_llm.py [--variant NAME ...]
+    python benchmarks/diagnostics/laser_bypass_llm.py [--variant NAME ...]
 
 The embedding is the mean of the M-Former's prefix vectors (centred, L2-normalised) instead of the LLM's
 hidden state at the suffix: what is left is the collaborative path (frozen SASRec -> M-Former) and the
@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from laser_ml100k import METRICS, save
-from laser_tiny_proxy import start
 
 from laser_batch import model as laser_model
 from laser_batch.checkpoint import load_sasrec
@@ -31,10 +30,14 @@ from laser_batch.config import load_config
 from laser_batch.encode import laser_scorer
 from laser_batch.evaluate import evaluate_run
 from laser_batch.metrics import metrics_from_ranks, rank_targets
-from laser_batch.train import length_batches
+from laser_batch.sequences import length_batches
 from laser_batch.train_laser import build_laser, train_laser, training_samples
 
-HERE = Path(__file__).resolve().parent
+BENCHMARKS = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(BENCHMARKS))  # run as a script: the benchmark scripts' shared helpers live one level up
+from laser_ml100k import METRICS, save  # noqa: E402
+from laser_tiny_proxy import start  # noqa: E402
+
 COMMON = {"llm": {"source": "tiny", "dtype": "float32"}, "laser": {"stage1_epochs": 4, "stage2_epochs": 0},
           "mformer": {"id_window": 10}}
 VARIANTS = {  # name -> config changes on top of COMMON and the benchmark config; "joint": not Laser (see above)
@@ -48,7 +51,7 @@ VARIANTS = {  # name -> config changes on top of COMMON and the benchmark config
     # Same number of training targets (12 per user), spread over fewer epochs with more targets per epoch:
     "window1_top8_6x2": {"mformer": {"id_window": 1, "top_k": 8}, "laser": {"stage1_epochs": 6}},
     "window1_top8_3x4": {"mformer": {"id_window": 1, "top_k": 8}, "laser": {"stage1_epochs": 3, "samples_per_user": 4}},
-    # the paper's temperature instead of the benchmark's 0.2 (SmolLM2 runs under-fit: benchmarks/laser_fit_gap.py)
+    # the paper's temperature instead of the benchmark's 0.2 (SmolLM2 runs under-fit: diagnostics/laser_fit_gap.py)
     "window1_top8_tau0.05": {"mformer": {"id_window": 1, "top_k": 8}, "laser": {"temperature": 0.05}},
     "window1_top8_tau0.1": {"mformer": {"id_window": 1, "top_k": 8}, "laser": {"temperature": 0.1}},
 }
@@ -82,7 +85,7 @@ def train_joint(run: Path, config) -> dict:
     for _ in range(cfg.stage1_epochs):
         histories, targets = training_samples(sequences, cfg.samples_per_user, rng)
         model.train()
-        for rows in length_batches(np.fromiter(map(len, histories), dtype=np.int64), cfg.batch_size, rng):
+        for rows in length_batches(np.fromiter(map(len, histories), dtype=np.int64), cfg.batch_size, rng=rng):
             users, lb_loss = model(*inputs.users([histories[r] for r in rows]))
             loss = model.loss(users, item_matrix(), torch.from_numpy(targets[rows]), lb_loss)
             optimizer.zero_grad()
