@@ -67,10 +67,12 @@ def machine() -> dict:
 
 def users_file(data: Path, scratch: Path, repeat: int) -> Path:
     """REPEAT copies of the example's users (user_id, history) under new ids: a job big enough to time."""
-    from laser_batch.score import grouped_interactions
+    import pyarrow.fs as pafs
+
+    from laser_batch.inputs import group_interactions
 
     grouped = scratch / "users-1.parquet"
-    grouped_interactions(pl.scan_parquet(data / "interactions.parquet"), grouped)
+    group_interactions(pafs.LocalFileSystem(), [str(data / "interactions.parquet")], str(grouped))
     users = pl.read_parquet(grouped).with_columns(pl.col("user_id").cast(pl.String))
     copies = [users.with_columns(user_id=pl.lit(f"r{r}-") + pl.col("user_id")) for r in range(repeat)]
     path = scratch / "users.parquet"

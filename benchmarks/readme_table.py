@@ -294,10 +294,33 @@ def headline_table(results_dir: Path) -> str:
     fp32 = next(v for v in smollm2["ort"] if v["variant"] == "fp32")
     rows.append(f"| SmolLM2-135M Laser user encoder, ONNX Runtime fp32, CPU | {fp32['users_per_s']:.2f} users/s "
                 f"| PyTorch eager fp32 {smollm2['torch_fp32_users_per_s']:.2f} users/s |")
-    cpus = sorted({json.loads(p.read_text())["machine"]["cpu"] for p in results_dir.glob("*.json")})
+    used = [*(results_dir / f"sasrec_{name}.json" for name in DATASETS), *results_dir.glob("laser_ml100k*.json"),
+            results_dir / "score_throughput.json"]
+    cpus = sorted({json.loads(p.read_text())["machine"]["cpu"] for p in used})
     return "\n".join(rows) + (f"\n\nHR@10 / NDCG@10: leave-one-out test split, full ranking, history excluded. "
                               f"Measured on 2-core machines ({' / '.join(cpus)}); every row, with its command and "
                               f"machine, in benchmarks/README.md.")
+
+
+def cuda_table(results_dir: Path) -> str:
+    """benchmarks/cuda_check.py on a lent GPU: the score job and the user encoder per provider, precision, binding."""
+    r = json.loads((results_dir / "cuda_check.json").read_text())
+    jobs, emb, machine = r["score_jobs"], r["embeddings"], r["machine"]
+    rows = ["| `laser-batch score` (tiny example artefacts) | users/s | provider | same top-10 set as CPU fp32 | "
+            "mean top-10 overlap | max score diff |", "|---|---|---|---|---|---|"]
+    for name, j in jobs.items():
+        rows.append(f"| {name} | {j['run2_users_per_second']:,.0f} | {j['provider']} | {j['same_top10_set']:.3f} | "
+                    f"{j['mean_top10_overlap']:.4f} | {j['max_score_diff']:.2g} |")
+    rows += ["", "| user embeddings | users/s | cosine to ORT CPU fp32: mean / min |", "|---|---|---|"]
+    for name, e in emb.items():
+        if isinstance(e, dict) and "users_per_second" in e:
+            cosine = e.get("cosine_vs_ort_cpu_fp32")
+            shown = f"{cosine['mean']:.6f} / {cosine['min']:.6f}" if cosine else "(reference)"
+            rows.append(f"| {name} | {e['users_per_second']:,.0f} | {shown} |")
+    return "\n".join(rows) + (f"\n\n{r['job_users']:,} users for the jobs (each timed on its second run), "
+                              f"{emb['users']:,} for the embeddings; {machine['nvidia_smi'].split(' (')[0]}, "
+                              f"onnxruntime-gpu {machine['onnxruntime']}, torch {machine['torch']}. "
+                              f"Command: `{r['command']}`.")
 
 
 # Which tables each file holds, in order.
@@ -306,7 +329,7 @@ TABLES = {
     "benchmarks/README.md": (
         ("sasrec", sasrec_table), ("laser", laser_table), ("laser-proxy", laser_proxy_table),
         ("laser-bypass", laser_bypass_table), ("export", export_table), ("topk-sensitivity", sensitivity_table),
-        ("score", score_table), ("score-ray", score_ray_table),
+        ("score", score_table), ("score-ray", score_ray_table), ("cuda", cuda_table),
     ),
 }
 

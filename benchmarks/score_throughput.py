@@ -41,9 +41,9 @@ def _batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 
 def _top10(users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    from laser_batch.exporters.export import top_k
+    from laser_batch.metrics import top_k
 
-    return top_k(users, items, 10)
+    return top_k(users @ items.T, 10)[0]
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -59,14 +59,14 @@ def compare(run: Path, artifacts: Path, users: int, threads: int, batch_size: in
     from laser_batch.config import TextConfig
     from laser_batch.contracts import load_data_dir
     from laser_batch.encode import laser_inputs
-    from laser_batch.exporters.export import _sample
+    from laser_batch.exporters.validate import sample
     from laser_batch.llm import LLMConfig, load_llm
     from laser_batch.sequences import build_sequences
 
     torch.set_num_threads(threads)
     dataset = load_data_dir(read_run_info(run)["data_dir"])
     sequences = build_sequences(dataset.interactions)
-    histories, _ = _sample(*sequences.split("test"), users)
+    histories, _ = sample(*sequences.split("test"), users)
     embedder = Embedder(artifacts, device="cpu", threads=threads)
     item_matrix = np.load(artifacts / "item_matrix.npy").astype(np.float32)
     batches = _batches(embedder.text.lengths(histories), batch_size)

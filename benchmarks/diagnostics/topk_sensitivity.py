@@ -43,6 +43,13 @@ SEEDS = 5
 TARGET = 0.98
 
 
+def _top10(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """(B, 10) item rows of the best scores, best first (the package's top-K on users @ items.T)."""
+    from laser_batch.metrics import top_k
+
+    return top_k(users @ items.T, 10)[0]
+
+
 def perturbed(users: np.ndarray, cosine: float, rng: np.random.Generator) -> np.ndarray:
     """Each row moved to exactly `cosine` from itself, in a random direction, keeping its norm."""
     noise = rng.standard_normal(users.shape)
@@ -70,12 +77,12 @@ def fake_quantize_linear_weights(model, bits: int = 8, block: int = 32) -> dict:
 
 
 def sweep(users: np.ndarray, items: np.ndarray) -> dict:
-    from laser_batch.exporters.export import agreement, top_k
+    from laser_batch.exporters.validate import agreement
 
-    reference = top_k(users, items, 10)
+    reference = _top10(users, items)
     rows = []
     for cosine in COSINES:
-        runs = [agreement(reference, top_k(perturbed(users, cosine, np.random.default_rng(seed)), items, 10))
+        runs = [agreement(reference, _top10(perturbed(users, cosine, np.random.default_rng(seed)), items))
                 for seed in range(SEEDS)]
         rows.append({"cosine": cosine, **{k: round(float(np.mean([r[k] for r in runs])), 4) for k in runs[0]}})
     needed = {key: next((r["cosine"] for r in rows if r[key] >= TARGET), None) for key in ("same_set", "mean_overlap")}
@@ -101,14 +108,14 @@ def main() -> None:
     from laser_batch.config import TextConfig
     from laser_batch.contracts import load_data_dir
     from laser_batch.encode import encode_users, laser_inputs
-    from laser_batch.exporters.export import _compare, _sample, agreement, top_k
+    from laser_batch.exporters.validate import agreement, compare, sample
     from laser_batch.sequences import build_sequences, pad_left
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     dataset = load_data_dir(read_run_info(args.run)["data_dir"])
     sequences = build_sequences(dataset.interactions)
-    histories, _ = _sample(*sequences.split("test"), args.users)
+    histories, _ = sample(*sequences.split("test"), args.users)
     model, item_matrix, config = load_laser(args.run)
     inputs = laser_inputs(model.llm, dataset.items, sequences, TextConfig(**config["text"]),
                           model.sasrec.config.max_len)
@@ -130,10 +137,10 @@ def main() -> None:
     record = {
         "run": str(args.run), "users": len(histories), "seeds": SEEDS,
         "laser": {
-            "bf16_vs_fp32": {**_compare(fp32, bf16),
-                             "top10": agreement(top_k(fp32, items, 10), top_k(bf16, items, 10))},
-            "weight_int8_vs_fp32": {**_compare(fp32, weight_int8),
-                                    "top10": agreement(top_k(fp32, items, 10), top_k(weight_int8, items, 10))},
+            "bf16_vs_fp32": {**compare(fp32, bf16),
+                             "top10": agreement(_top10(fp32, items), _top10(bf16, items))},
+            "weight_int8_vs_fp32": {**compare(fp32, weight_int8),
+                                    "top10": agreement(_top10(fp32, items), _top10(weight_int8, items))},
             **sweep(fp32, items),
         },
         "sasrec": sweep(sasrec_users, sasrec_items),
