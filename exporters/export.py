@@ -169,6 +169,8 @@ def _export_laser(
     inputs = None if encoder.takes_prefix else ["input_ids", "attention_mask"]
     graphs["user_encoder"] = export_part("user_encoder", encoder, UserEncoderOnnxConfig, directory, inputs=inputs)
 
+    if laser.fused:  # one product with the Embedder's [SASRec state ; g / tau * embedding] gives the fused score
+        item_matrix = laser.fused_items(item_matrix)
     np.save(directory / ITEM_MATRIX, item_matrix.float().numpy())
     shutil.copyfile(run_dir / LASER_DIR / ITEM_IDS, directory / ITEM_IDS)
     tokenizer.backend_tokenizer.save(str(directory / TOKENIZER))
@@ -182,7 +184,8 @@ def _export_laser(
     ordered.select("item_id", "title", *columns).write_parquet(directory / ITEMS_TEXT)
     text["text_columns"] = list(columns)
     settings = {
-        "sasrec_max_len": sasrec.config.max_len, "id_window": laser.id_window, "score": "cosine",
+        "sasrec_max_len": sasrec.config.max_len, "id_window": laser.id_window,
+        "score": "dot" if laser.fused else "cosine", **_fusion_settings(laser),
         "num_items": sasrec.num_items, "text": text, "pad_id": tokenizer.pad_token_id,
         "prefix": laser.config.prefix, "pooling": laser.config.pooling, "center": laser.config.center,
         "center_users": laser.config.center_users,
@@ -194,7 +197,10 @@ def _export_laser(
 
     histories, targets = sample(*sequences.split("test"), validate_users)
     torch_inputs = laser_inputs(laser.llm, items, sequences, TextConfig(**text), sasrec.config.max_len)
-    held_out = HeldOut(histories, targets, encode_users(laser, torch_inputs, histories, batch_size=16).numpy())
+    reference = encode_users(laser, torch_inputs, histories, batch_size=16)
+    if laser.fused:  # the user vectors the fused item matrix scores
+        reference = laser.fused_users(reference, torch_inputs.id_history(histories))
+    held_out = HeldOut(histories, targets, reference.numpy())
     manifest["end_to_end"] = end_to_end(directory, held_out, np.load(directory / ITEM_MATRIX))
     if schemes:
         calibration = sample(*sequences.split("valid"), CALIBRATION_USERS)[0]  # not the measured test histories
@@ -204,6 +210,13 @@ def _export_laser(
             export_encoder=lambda model, where: export_part("user_encoder", UserEncoderPart(model, encoder.config),
                                                             UserEncoderOnnxConfig, where, inputs=inputs)))
     return manifest, held_out
+
+
+def _fusion_settings(laser) -> dict:
+    """The manifest's record of the fusion: "fusion", and with the gated one its gate g and temperature tau."""
+    if not laser.fused:
+        return {"fusion": laser.config.fusion}
+    return {"fusion": laser.config.fusion, "gate": laser.gate_value, "temperature": laser.config.temperature}
 
 
 def _to_fp16(directory: Path, manifest: dict, held_out: HeldOut | None) -> None:

@@ -292,17 +292,19 @@ def measure(embedder: Embedder, scheme_file: str, histories: list[np.ndarray], t
     variant = session(Path(embedder.directory) / scheme_file, ["CPUExecutionProvider"], threads=embedder.threads)
     batches = [embedder.feeds(histories[i:i + batch_size]) for i in range(0, len(histories), batch_size)]
 
-    def run(sess) -> tuple[np.ndarray, float]:
+    def run(sess) -> tuple[np.ndarray, np.ndarray, float]:
+        """(embeddings, the user vectors the item matrix scores (fused ones with the gated fusion), seconds)."""
         best = float("inf")
         for _ in range(repeats):
             started = time.perf_counter()
             out = [sess.run(["embedding"], feeds)[0] for feeds in batches]
             best = min(best, time.perf_counter() - started)
-        return np.concatenate(out), best
+        vectors = [embedder.user_vectors(feeds, embedding) for feeds, embedding in zip(batches, out, strict=True)]
+        return np.concatenate(out), np.concatenate(vectors), best
 
-    reference, fp32_seconds = run(embedder.user_encoder)
-    got, seconds = run(variant)
-    top_ref, top_got = top_k(reference @ item_matrix.T, TOP_K)[0], top_k(got @ item_matrix.T, TOP_K)[0]
+    reference, reference_vectors, fp32_seconds = run(embedder.user_encoder)
+    got, got_vectors, seconds = run(variant)
+    top_ref, top_got = top_k(reference_vectors @ item_matrix.T, TOP_K)[0], top_k(got_vectors @ item_matrix.T, TOP_K)[0]
     hits = lambda top: float((top == (targets - 1)[:, None]).any(1).mean())  # noqa: E731
     nodes = onnx.load(str(Path(embedder.directory) / scheme_file), load_external_data=False).graph.node
     quantized = sum(n.op_type in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeMatMul") for n in nodes)

@@ -5,7 +5,9 @@ An artefact directory (written by `laser-batch export`) holds:
 - `manifest.json`: kind ("laser" | "sasrec"), versions, opset, every file with its size and sha256, the graphs'
   inputs/outputs, the settings needed to build inputs, and the parity the export achieved;
 - `sasrec.onnx` (always), `mformer.onnx` (Laser with an M-Former prefix), `user_encoder.onnx` (Laser);
-- `item_matrix.npy` (N, D): row j scores internal item j + 1 (Laser: L2-normalised, cosine; SASRec: dot);
+- `item_matrix.npy` (N, D): row j scores internal item j + 1 (Laser: L2-normalised, cosine; SASRec: dot; Laser with
+  `fusion = "gated"`: [SASRec item embedding ; Laser item embedding], dot with the user vector
+  [SASRec user state ; g / tau * Laser user embedding], g and tau from the manifest's settings);
 - `item_ids.parquet`: the original item id of each row; for Laser `items.parquet` (the item text columns in
   row order) and `tokenizer.json`.
 """
@@ -197,11 +199,19 @@ def session(path: Path, provider_list: Sequence[str], *, threads: int = 0):
         raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from e
 
 
+class Feeds(dict):
+    """A batch's inputs of the last graph by name (what ONNX Runtime is fed), and `sasrec_state`: SASRec's user state
+    (B, d_id) that a gated fusion's user vector starts with (None otherwise; no graph takes it)."""
+
+    sasrec_state: np.ndarray | None = None
+
+
 class Embedder:
-    """Users (histories of internal item ids, oldest first) -> embeddings, with the exported graphs only.
+    """Users (histories of internal item ids, oldest first) -> user vectors, with the exported graphs only.
 
     Laser: SASRec ids -> sasrec.onnx -> the last `id_window` vectors -> mformer.onnx -> prefix;
-    text -> token ids; prefix + tokens -> user_encoder.onnx -> embedding. SASRec: the last position's vector.
+    text -> token ids; prefix + tokens -> user_encoder.onnx -> embedding. With the gated fusion the user vector is
+    [sasrec.onnx's last position ; g / tau * embedding]. SASRec: the last position's vector.
     """
 
     def __init__(self, directory: Path, *, device: str = "auto", threads: int = 0, verify: bool = True,
@@ -214,6 +224,7 @@ class Embedder:
         self.sasrec = session(directory / manifest["graphs"]["sasrec"]["file"], chosen, threads=threads)
         self.max_len = manifest["settings"]["sasrec_max_len"]
         self.mformer = self.user_encoder = self.text = None
+        self.gate_scale: float | None = None  # g / tau of a gated fusion
         if self.kind == "laser":
             import polars as pl
             import tokenizers
@@ -233,6 +244,8 @@ class Embedder:
                                     pad_id=settings["pad_id"])
             self.id_window = settings["id_window"]
             self.takes_prefix = "prefix" in [i.name for i in self.user_encoder.get_inputs()]
+            if settings.get("fusion", "none") == "gated":
+                self.gate_scale = settings["gate"] / settings["temperature"]
         self.providers = self.sasrec.get_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in self.providers:
             # onnxruntime-gpu lists CUDA as available even without a GPU or CUDA libraries, then falls back.
@@ -245,16 +258,24 @@ class Embedder:
         self._device = ("cuda", 0) if on_cuda else ("cpu", 0)  # where bound intermediate tensors live
 
     def embed(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """(B, D) float32 embeddings of internal-id histories (each non-empty, ids 1..N)."""
+        """(B, D) float32 user vectors of internal-id histories (each non-empty, ids 1..N): `item_matrix.npy`'s
+        rows score them."""
         return self.run(self.feeds(histories))
 
-    def run(self, feeds: dict) -> np.ndarray:
-        """(B, D) embeddings from the inputs `feeds` built."""
+    def run(self, feeds: Feeds) -> np.ndarray:
+        """(B, D) user vectors from the inputs `feeds` built."""
         if self.kind == "sasrec":
             return self._run(self.sasrec, feeds, "id_vectors")[:, -1]
-        return self._run(self.user_encoder, feeds, "embedding")
+        return self.user_vectors(feeds, self._run(self.user_encoder, feeds, "embedding"))
 
-    def feeds(self, histories: Sequence[np.ndarray]) -> dict:
+    def user_vectors(self, feeds: Feeds, embedding: np.ndarray) -> np.ndarray:
+        """The user vectors from the user encoder's `embedding` (B, D_llm): the embedding itself, or with the gated
+        fusion [SASRec user state ; g / tau * embedding] (B, d_id + D_llm)."""
+        if self.gate_scale is None:
+            return embedding
+        return np.concatenate([feeds.sasrec_state, embedding * np.float32(self.gate_scale)], axis=1)
+
+    def feeds(self, histories: Sequence[np.ndarray]) -> Feeds:
         """The inputs of the last graph (SASRec: sasrec.onnx; Laser: user_encoder.onnx) for a batch of histories.
 
         With I/O binding the Laser prefix is an `onnxruntime.OrtValue` left where the M-Former wrote it (on the
@@ -265,14 +286,16 @@ class Embedder:
         width = min(self.max_len, max(len(h) for h in histories))
         item_ids = pad_left(list(histories), width)
         if self.kind == "sasrec":
-            return {"item_ids": item_ids}
-        feeds = {}
-        if self.takes_prefix:
+            return Feeds(item_ids=item_ids)
+        feeds = Feeds()
+        if self.takes_prefix or self.gate_scale is not None:
             # SASRec reads the whole history (up to max_len); the M-Former sees its last id_window positions.
-            vectors = self._run(self.sasrec, {"item_ids": item_ids}, "id_vectors")[:, -self.id_window:]
+            vectors = self._run(self.sasrec, {"item_ids": item_ids}, "id_vectors")
+            feeds.sasrec_state = vectors[:, -1] if self.gate_scale is not None else None
+        if self.takes_prefix:
             mask = (item_ids[:, -self.id_window:] != 0).astype(np.int64)
-            feeds["prefix"] = self._run(self.mformer, {"id_vectors": vectors, "id_mask": mask}, "prefix",
-                                        keep=True)
+            feeds["prefix"] = self._run(self.mformer, {"id_vectors": vectors[:, -self.id_window:], "id_mask": mask},
+                                        "prefix", keep=True)
         feeds["input_ids"], feeds["attention_mask"] = self.text.encode_users(histories)
         return feeds
 

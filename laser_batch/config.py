@@ -98,6 +98,7 @@ PAPER_INSTRUCTION = (
 LLM_DTYPES = ("float32", "bfloat16", "auto")  # auto: bfloat16 where the CPU has native bf16, else float32
 PREFIX_KINDS = ("mformer", "free", "none")
 POOLINGS = ("suffix", "mean", "eos")
+FUSIONS = ("none", "gated")
 MFORMER_PRESETS = {
     # The paper's M-Former: 8 experts of 32 queries, width 768, 12 blocks, cross-attention every 2nd block.
     "paper": {"num_experts": 8, "num_queries": 32, "hidden_size": 768, "num_blocks": 12, "num_heads": 12,
@@ -202,6 +203,9 @@ class LaserConfig:
     samples_per_user: int = 1  # training targets per user and epoch: the last training item, then random earlier ones
     patience: int = 0  # 0: run every epoch of a stage; else stop a stage after this many epochs without improvement
     valid_users: int = 0  # 0: validate on every user; else on this many (a fixed, evenly spread subset)
+    # Not in the paper. "none": rank by Laser's cosine (the paper). "gated": score = SASRec's dot score
+    # + g * cosine / tau with a trained scalar g that starts at 0, so training starts from SASRec's exact ranking.
+    fusion: str = "none"
 
     def __post_init__(self) -> None:
         _require(self.prefix in PREFIX_KINDS, "laser.prefix", self.prefix, f"one of {', '.join(PREFIX_KINDS)}")
@@ -227,6 +231,7 @@ class LaserConfig:
         _require(self.center or not self.center_users, "laser.center_users", self.center_users,
                  "0 unless laser.center = true")
         _require(self.valid_users >= 0, "laser.valid_users", self.valid_users, "an integer >= 0 (0: all users)")
+        _require(self.fusion in FUSIONS, "laser.fusion", self.fusion, f"one of {', '.join(FUSIONS)}")
 
 
 @dataclass

@@ -27,10 +27,13 @@ class LaserInputs:
 
     def users(self, histories: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(id_history (B, S), input_ids (B, T), attention_mask (B, T)) for user histories (oldest first)."""
-        width = min(self.sasrec_max_len, max(len(h) for h in histories))
         input_ids, attention_mask = self.text.encode_users(histories)
-        return (torch.from_numpy(pad_left(list(histories), width)), torch.from_numpy(input_ids),
-                torch.from_numpy(attention_mask))
+        return self.id_history(histories), torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+
+    def id_history(self, histories: Sequence[np.ndarray]) -> torch.Tensor:
+        """SASRec's input (B, S): the histories left-padded to the longest, cut to SASRec's max_len last items."""
+        width = min(self.sasrec_max_len, max(len(h) for h in histories))
+        return torch.from_numpy(pad_left(list(histories), width))
 
     def items(self, item_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The same for items: each item is a one-item history (its M-Former input: `laser.item_id_vector`)."""
@@ -99,5 +102,15 @@ def encode_users(
 
 
 def laser_scorer(model: Laser, inputs: LaserInputs, item_matrix: torch.Tensor, *, batch_size: int):
-    """A `score_batch` for metrics.rank_targets: cosine of each user with every item, (B, N)."""
-    return lambda histories: (encode_users(model, inputs, histories, batch_size=batch_size) @ item_matrix.T).numpy()
+    """A `score_batch` for metrics.rank_targets, (B, N): the cosine of each user with every item, or with
+    `laser.fusion = "gated"` SASRec's scores + g * cosine / tau (`Laser.fused_scores`: at g = 0 exactly the scores
+    `evaluate --model sasrec` ranks by, since the batch is padded as it pads it)."""
+
+    def score(histories: Sequence[np.ndarray]) -> np.ndarray:
+        cosine = encode_users(model, inputs, histories, batch_size=batch_size) @ item_matrix.T
+        if not model.fused:
+            return cosine.numpy()
+        with torch.no_grad():
+            return model.fused_scores(inputs.id_history(histories), cosine).numpy()
+
+    return score

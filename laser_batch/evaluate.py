@@ -49,7 +49,8 @@ def evaluate_run(
         batch_size: users scored at once.
 
     Returns:
-        {"model", "split", "users", "exclude_history", "metrics": {"HR@10", "NDCG@10", ..., "MRR"}}.
+        {"model", "split", "users", "exclude_history", "metrics": {"HR@10", "NDCG@10", ..., "MRR"}}, and "gate" (the
+        fusion gate g, from the checkpoint's config.json) for a Laser run with `laser.fusion = "gated"`.
     """
     if model not in MODELS:
         raise InputError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
@@ -73,7 +74,18 @@ def evaluate_run(
         "users": int(len(targets)),
         "exclude_history": exclude_history,
         "metrics": metrics_from_ranks(ranks, ks),
+        **_gate(model, Path(run_dir)),
     }
+
+
+def _gate(model: str, run_dir: Path) -> dict:
+    """{"gate": g} for a fused Laser run (as its training recorded it), {} otherwise."""
+    if model != "laser":
+        return {}
+    from laser_batch.checkpoint import LASER_DIR
+
+    config = read_checkpoint_config(run_dir / LASER_DIR, "laser")
+    return {"gate": config["gate"]} if config["laser"].get("fusion", "none") == "gated" else {}
 
 
 def _scorer(model: str, run_dir: Path, sequences: Sequences, histories: list[np.ndarray], items: pl.DataFrame):

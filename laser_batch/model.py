@@ -3,7 +3,8 @@
 LLM input = [prefix (L vectors from the M-Former over frozen SASRec vectors)] + embed(text) + [suffix];
 the last-layer hidden state at the (last) suffix position, L2-normalised, is the user or item embedding.
 Users and items share the path: an item is a one-item history and its M-Former input is its own
-SASRec vector. Only the M-Former (or a free prefix) and the suffix are trained.
+SASRec vector. Only the M-Former (or a free prefix) and the suffix are trained (and, with `laser.fusion = "gated"`,
+the gate g of score(u, i) = SASRec(u, i) + g * cos(laser_u, laser_i) / tau).
 
 The frozen LLM and SASRec are held outside the module tree, so they are never trained, never switched
 to train mode and never saved with our weights.
@@ -40,6 +41,8 @@ class Laser(nn.Module):
             self.register_buffer("center", torch.zeros(width))
         if config.center_users:  # the users' own mean raw embedding, set alongside (not trained)
             self.register_buffer("user_center", torch.zeros(width))
+        if config.fusion == "gated":  # Laser's weight next to SASRec's scores; at 0 the model ranks exactly as SASRec
+            self.gate = nn.Parameter(torch.zeros(()))
 
     @property
     def llm(self) -> FrozenLLM:
@@ -57,6 +60,16 @@ class Laser(nn.Module):
     @property
     def id_window(self) -> int:
         return self.mformer_config.id_window
+
+    @property
+    def fused(self) -> bool:
+        """Whether users are ranked by the gated fusion with SASRec (`laser.fusion = "gated"`)."""
+        return self.config.fusion == "gated"
+
+    @property
+    def gate_value(self) -> float | None:
+        """The fusion gate g as a number (None without fusion): what a fused run reports."""
+        return float(self.gate.detach()) if self.fused else None
 
     def forward(
         self, id_history: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, raw: bool = False,
@@ -129,14 +142,52 @@ class Laser(nn.Module):
         return F.normalize(pooled, dim=-1)
 
     def loss(
-        self, users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, lb_loss: torch.Tensor
+        self, users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, lb_loss: torch.Tensor, *,
+        id_history: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Cross-entropy of cosine / tau over the whole catalogue + lambda * load-balancing loss.
+        """Cross-entropy over the whole catalogue + lambda * load-balancing loss.
 
-        users: (B, D) normalised; items: (N, D) normalised (row j = internal item j + 1); targets: (B,) in 1..N.
+        The logits are cosine / tau, or with the gated fusion `fused_scores` (SASRec's dot + g * cosine / tau).
+        users: (B, D) normalised; items: (N, D) normalised (row j = internal item j + 1); targets: (B,) in 1..N;
+        id_history: (B, S) the users' SASRec input (the fusion's SASRec scores), required with the fusion.
         """
-        logits = users @ items.T / self.config.temperature  # (B, N)
+        cosine = users @ items.T  # (B, N)
+        if self.fused:
+            if id_history is None:
+                raise ValueError("the gated fusion's loss needs the users' id_history (SASRec's input)")
+            logits = self.fused_scores(id_history, cosine)
+        else:
+            logits = cosine / self.config.temperature
         return F.cross_entropy(logits, targets - 1) + self.config.lb_weight * lb_loss
+
+    @torch.no_grad()
+    def sasrec_state(self, id_history: torch.Tensor) -> torch.Tensor:
+        """SASRec's user state (B, d_id): its output at the last position of (B, S) left-padded ids."""
+        return self.sasrec(id_history)[:, -1]
+
+    def fused_scores(self, id_history: torch.Tensor, cosine: torch.Tensor) -> torch.Tensor:
+        """score(u, i) = SASRec(u, i) + g * cos(laser_u, laser_i) / tau, (B, N), from cosine (B, N) = users @ items.T.
+
+        SASRec(u, i) is `evaluate --model sasrec`'s score (laser_batch.training.sasrec_scores): at g = 0 the sum is
+        exactly SASRec's scores. Neither term is rescaled: SASRec's dot scores are not normalised, Laser's are
+        cosine / tau, and g learns how much of the second to add.
+        """
+        sasrec = self.sasrec_state(id_history) @ self.sasrec.item_vectors().T  # (B, N)
+        return sasrec + self.gate * cosine / self.config.temperature
+
+    @torch.no_grad()
+    def fused_users(self, users: torch.Tensor, id_history: torch.Tensor) -> torch.Tensor:
+        """The fused user vectors [SASRec state ; g * users / tau], (B, d_id + D): `fused_items` scores them."""
+        return torch.cat([self.sasrec_state(id_history), self.gate * users / self.config.temperature], dim=1)
+
+    @torch.no_grad()
+    def fused_items(self, items: torch.Tensor) -> torch.Tensor:
+        """The fused item matrix [SASRec item embedding ; Laser item embedding], (N, d_id + D).
+
+        One product with `fused_users` gives `fused_scores`: what the export writes, so that the scorer stays a dot
+        product of user vectors with an item matrix.
+        """
+        return torch.cat([self.sasrec.item_vectors(), items], dim=1)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Exactly the trained weights, plus the centering vector when there is one (what a checkpoint stores)."""

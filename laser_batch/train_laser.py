@@ -3,6 +3,9 @@
 Stage 1: at the start of every epoch, re-encode every catalogue item (no grad) into the item matrix I,
 train the user side against I, validate; keep the best epoch (weights and I).
 Stage 2: freeze I (stage 1's best), train the user side more epochs, keep the best validation checkpoint.
+With `laser.fusion = "gated"` the untrained model (gate g = 0: SASRec's exact ranking) is validated first, as stage 1
+epoch 0, and stays the best unless an epoch beats it; every epoch's g goes into metrics.jsonl and the best one's into
+config.json.
 
 AdamW with linear warmup and cosine decay over both stages, gradient accumulation, seeds. After every
 epoch the full training state goes to RUN_DIR/.laser.partial/resume.safetensors (laser_batch.laser_state),
@@ -42,6 +45,7 @@ class LaserResult:
     valid_metrics: dict[str, float]
     seconds_per_epoch: float
     trainable_parameters: int
+    gate: float | None = None  # the fusion gate g of the best epoch (None without fusion)
 
 
 def build_laser(config: Config, run_dir: Path, llm: FrozenLLM | None = None):
@@ -125,6 +129,8 @@ def train_laser(
             logger.info("resuming after stage %d epoch %d", state.stage, state.epoch)
         elif state.stage > 1:
             logger.info("resuming at the start of stage %d", state.stage)
+    if model.fused and state.best is None:
+        _validate_start(training, state, writer)
     for stage, epochs in ((1, config.laser.stage1_epochs), (2, config.laser.stage2_epochs)):
         if stage >= state.stage and epochs > 0:
             _train_stage(training, state, writer, stage, epochs)
@@ -135,10 +141,12 @@ def train_laser(
     save_laser(writer.partial, model, best.items, sequences, config, {
         "best_stage": best.stage, "best_epoch": best.epoch, "valid_metrics": best.metrics,
         "trainable_parameters": n_trainable, "seconds_per_epoch": round(seconds_per_epoch, 2),
+        **_gate_record(model),
     })
     (writer.partial / RESUME_FILE).unlink(missing_ok=True)
     checkpoint = writer.commit()
-    return LaserResult(checkpoint, best.stage, best.epoch, best.metrics, seconds_per_epoch, n_trainable)
+    return LaserResult(checkpoint, best.stage, best.epoch, best.metrics, seconds_per_epoch, n_trainable,
+                       model.gate_value)
 
 
 def _prepare(config: Config, model: Laser, inputs: LaserInputs, sequences: Sequences,
@@ -167,6 +175,25 @@ def _prepare(config: Config, model: Laser, inputs: LaserInputs, sequences: Seque
     )
 
 
+def _gate_record(model: Laser) -> dict:
+    """{"gate": g} for a fused model (what its metrics lines and config.json report), {} otherwise."""
+    return {"gate": model.gate_value} if model.fused else {}
+
+
+def _validate_start(training: LaserTraining, state: LaserState, writer: StageWriter) -> None:
+    """Validate the untrained fused model (g = 0: SASRec's ranking) and record it as stage 1 epoch 0.
+
+    Model selection then keeps SASRec's ranking unless an epoch beats it on validation.
+    """
+    items = training.encode_catalogue()
+    metrics = training.validate(items)
+    writer.append_metrics({"stage": 1, "epoch": 0, "split": "valid", **_gate_record(training.model), **metrics})
+    logger.info("start (gate %.4f) valid %s", training.model.gate_value,
+                " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    state.record(1, 0, metrics, items, training.model, training.select)
+    save_resume(writer.partial, training, state)
+
+
 def _train_stage(training: LaserTraining, state: LaserState, writer: StageWriter, stage: int, epochs: int) -> None:
     """Train the epochs of `stage` left to do, validating, recording and saving the state after each."""
     if stage == 2 and state.frozen_items is None:
@@ -178,13 +205,18 @@ def _train_stage(training: LaserTraining, state: LaserState, writer: StageWriter
     first = state.epoch + 1 if stage == state.stage else 1
     for epoch in range(first, epochs + 1):
         started = time.perf_counter()
-        items = training.encode_catalogue() if stage == 1 else state.frozen_items
+        if stage == 2:
+            items = state.frozen_items
+        elif epoch == 1 and state.best is not None and (state.best.stage, state.best.epoch) == (1, 0):
+            items = state.best.items  # the start was just encoded with the same weights (`_validate_start`)
+        else:
+            items = training.encode_catalogue()
         loss = _train_epoch(training, items, f"laser stage {stage} epoch {epoch}")
         metrics = training.validate(items)
         seconds = time.perf_counter() - started
         state.epoch_seconds.append(seconds)
         writer.append_metrics({"stage": stage, "epoch": epoch, "loss": loss, "seconds": round(seconds, 2),
-                               "split": "valid", **metrics})
+                               "split": "valid", **_gate_record(training.model), **metrics})
         logger.info("stage %d epoch %d loss %.4f valid %s", stage, epoch, loss,
                     " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         state.record(stage, epoch, metrics, items, training.model, training.select)
@@ -209,8 +241,9 @@ def _train_epoch(training: LaserTraining, items: torch.Tensor, desc: str) -> flo
     total = 0.0
     optimizer.zero_grad(set_to_none=True)
     for i, rows in enumerate(batches):
-        users, lb_loss = model(*training.inputs.users([histories[r] for r in rows]))
-        loss = model.loss(users, items, torch.from_numpy(targets[rows]), lb_loss)
+        batch = training.inputs.users([histories[r] for r in rows])
+        users, lb_loss = model(*batch)
+        loss = model.loss(users, items, torch.from_numpy(targets[rows]), lb_loss, id_history=batch[0])
         (loss / cfg.grad_accumulation).backward()
         if (i + 1) % cfg.grad_accumulation == 0 or i + 1 == len(batches):
             optimizer.step()

@@ -1,0 +1,235 @@
+"""`laser.fusion = "gated"`: score = SASRec(u, i) + g * cos(laser_u, laser_i) / tau, with g trained from 0.
+
+It starts at SASRec's exact ranking, model selection keeps that start unless an epoch beats it, and the export
+scores it as one product of [SASRec state ; g / tau * laser_u] with [SASRec item ; laser_i], as evaluate does.
+"""
+# ruff: noqa: F811 (llm and sasrec_run are test_laser's fixtures, imported, then taken as arguments)
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from test_laser import _copy_run, llm, sasrec_run, small_config  # noqa: F401 (llm, sasrec_run: fixtures)
+
+from laser_batch.checkpoint import CONFIG_FILE, LASER_DIR, WEIGHTS_FILE, load_laser
+from laser_batch.config import TextConfig
+from laser_batch.encode import encode_items, encode_users, laser_inputs, laser_scorer
+from laser_batch.errors import ConfigError
+from laser_batch.evaluate import evaluate_run
+from laser_batch.metrics import exclude_items, top_k
+from laser_batch.train_laser import build_laser, train_laser
+from laser_batch.training import sasrec_scores
+
+GATED = {"fusion": "gated"}
+
+
+def _metrics_lines(run):
+    return [json.loads(line) for line in (run / LASER_DIR / "metrics.jsonl").read_text().splitlines()]
+
+
+def _set_gate(model, value):
+    with torch.no_grad():
+        model.gate.fill_(value)
+
+
+def test_fusion_is_none_or_gated():
+    assert small_config().laser.fusion == "none"  # the paper, by default
+    with pytest.raises(ConfigError, match="laser.fusion = 'sum' is invalid: expected one of none, gated"):
+        small_config(laser={"fusion": "sum"})
+
+
+def test_the_gate_is_the_one_more_trained_parameter_and_starts_at_zero(sasrec_run, llm):
+    plain, _, _ = build_laser(small_config(), sasrec_run, llm)
+    fused, _, _ = build_laser(small_config(laser=GATED), sasrec_run, llm)
+    names = lambda model: {n for n, p in model.named_parameters() if p.requires_grad}  # noqa: E731
+    assert names(fused) - names(plain) == {"gate"} and names(plain) <= names(fused)
+    assert set(fused.trainable_state_dict()) == names(fused)
+    assert fused.gate.shape == () and fused.gate_value == 0.0 and plain.gate_value is None
+
+
+def test_at_gate_zero_the_fused_scores_are_sasrecs_exactly_and_then_add_the_scaled_cosine(sasrec_run, llm):
+    model, inputs, sequences = build_laser(small_config(laser=GATED), sasrec_run, llm)
+    items = encode_items(model, inputs, sequences.num_items, batch_size=32)
+    histories, _ = sequences.split("valid")
+    scorer = laser_scorer(model, inputs, items, batch_size=8)
+    sasrec = sasrec_scores(model.sasrec, histories)
+    assert np.array_equal(scorer(histories), sasrec)  # bit for bit: not a rescaled or renormalised SASRec
+
+    _set_gate(model, 0.3)
+    cosine = (encode_users(model, inputs, histories, batch_size=8) @ items.T).numpy()
+    fused = scorer(histories)
+    np.testing.assert_allclose(fused, sasrec + 0.3 * cosine / model.config.temperature, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(fused, sasrec)
+    # The one matrix product the export writes gives the same scores.
+    users = model.fused_users(encode_users(model, inputs, histories, batch_size=8), inputs.id_history(histories))
+    np.testing.assert_allclose((users @ model.fused_items(items).T).numpy(), fused, rtol=1e-5, atol=1e-5)
+    assert users.shape == (len(histories), model.sasrec.config.hidden_size + llm.hidden_size)
+
+
+def test_the_loss_is_the_cross_entropy_of_the_fused_logits_and_trains_the_gate(sasrec_run, llm):
+    model, inputs, sequences = build_laser(small_config(laser=GATED), sasrec_run, llm)
+    model.eval()  # no dropout: the hand computation below sees the same embeddings
+    items = encode_items(model, inputs, sequences.num_items, batch_size=32)
+    histories, targets = sequences.split("valid")
+    id_history, input_ids, attention_mask = inputs.users(histories)
+    users, lb = model(id_history, input_ids, attention_mask)
+    loss = model.loss(users, items, torch.from_numpy(targets), lb, id_history=id_history)
+
+    sasrec = torch.from_numpy(sasrec_scores(model.sasrec, histories))
+    expected = F.cross_entropy(sasrec, torch.from_numpy(targets) - 1) + model.config.lb_weight * lb
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    # d loss / d g at g = 0: the mean over users of (E_softmax(SASRec)[cosine] - cosine of the target) / tau.
+    cosine = (users @ items.T).detach() / model.config.temperature
+    rows = torch.arange(len(targets))
+    by_hand = ((sasrec.softmax(1) * cosine).sum(1) - cosine[rows, torch.from_numpy(targets) - 1]).mean()
+    torch.testing.assert_close(model.gate.grad, by_hand, rtol=1e-4, atol=1e-6)
+    assert model.gate.grad != 0
+    with pytest.raises(ValueError, match="id_history"):
+        model.loss(users, items, torch.from_numpy(targets), lb)
+
+
+def test_selection_keeps_sasrecs_start_when_no_epoch_beats_it(sasrec_run, llm, tmp_path, monkeypatch):
+    import laser_batch.train_laser as tl
+
+    run = _copy_run(sasrec_run, tmp_path)
+
+    def spoils_the_ranking(training, items, desc):  # an epoch that makes the fused ranking worse
+        _set_gate(training.model, -20.0)
+        return 0.0
+
+    monkeypatch.setattr(tl, "_train_epoch", spoils_the_ranking)
+    result = train_laser(run, small_config(laser=GATED), llm=llm)
+    lines = _metrics_lines(run)
+    assert [(r["stage"], r["epoch"], r["gate"]) for r in lines] == [(1, 0, 0.0), (1, 1, -20.0), (2, 1, -20.0)]
+    assert all(r["NDCG@10"] < lines[0]["NDCG@10"] for r in lines[1:])  # the epochs really are worse
+    assert (result.best_stage, result.best_epoch, result.gate) == (1, 0, 0.0)
+    config = json.loads((run / LASER_DIR / CONFIG_FILE).read_text())
+    assert (config["best_epoch"], config["gate"]) == (0, 0.0)
+    # The saved checkpoint is SASRec's ranking: the same metrics, exactly, on both splits.
+    for split in ("valid", "test"):
+        laser = evaluate_run(run, model="laser", split=split)
+        assert laser["metrics"] == evaluate_run(run, model="sasrec", split=split)["metrics"]
+        assert laser["gate"] == 0.0
+    assert laser["metrics"] != evaluate_run(run, model="popularity")["metrics"]
+
+
+def test_a_fused_run_trains_the_gate_and_reports_it_every_epoch(sasrec_run, llm, tmp_path):
+    run = _copy_run(sasrec_run, tmp_path)
+    config = small_config(laser={**GATED, "stage1_epochs": 2, "lr": 0.02})
+    result = train_laser(run, config, llm=llm)
+    lines = _metrics_lines(run)
+    assert [(r["stage"], r["epoch"]) for r in lines] == [(1, 0), (1, 1), (1, 2), (2, 1)]
+    assert lines[0]["gate"] == 0.0 and "loss" not in lines[0]  # the start: validated, not trained
+    assert all(r["gate"] != 0.0 for r in lines[1:])  # trained
+    best = max(lines, key=lambda r: r["NDCG@10"])  # the first of equals, as selection keeps it
+    assert (result.best_stage, result.best_epoch) == (best["stage"], best["epoch"])
+    assert result.valid_metrics["NDCG@10"] >= lines[0]["NDCG@10"]
+    model, _, saved = load_laser(run, llm=llm)
+    assert saved["gate"] == result.gate == model.gate_value == best["gate"]
+    assert evaluate_run(run, model="laser", split="test")["gate"] == result.gate
+    assert "gate" not in evaluate_run(run, model="sasrec", split="test")
+
+
+def test_a_resumed_fused_run_matches_an_uninterrupted_one(sasrec_run, llm, tmp_path, monkeypatch):
+    import laser_batch.train_laser as tl
+
+    config = small_config(laser={**GATED, "lr": 0.02})
+    straight = _copy_run(sasrec_run, tmp_path / "a")
+    train_laser(straight, config, llm=llm)
+    run = _copy_run(sasrec_run, tmp_path / "b")
+
+    def dies_in_the_first_epoch(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tl, "_train_epoch", dies_in_the_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_laser(run, config, llm=llm)
+    monkeypatch.undo()
+    train_laser(run, config, llm=llm, resume=True)
+    for name in ("model.safetensors", "item_matrix.safetensors"):
+        assert (run / LASER_DIR / name).read_bytes() == (straight / LASER_DIR / name).read_bytes(), name
+    assert [(r["stage"], r["epoch"]) for r in _metrics_lines(run)] == [(1, 0), (1, 1), (2, 1)]  # start validated once
+
+
+@pytest.fixture(scope="module")
+def fused_export(sasrec_run, llm, tmp_path_factory):
+    """A trained fused run whose gate is set to 0.02 (g / tau = 0.4: both terms matter), and its export (with an
+    int8 variant)."""
+    from safetensors.torch import load_file, save_file
+
+    from laser_batch.exporters.export import export_run
+
+    root = tmp_path_factory.mktemp("fused_export")
+    run = _copy_run(sasrec_run, root)
+    train_laser(run, small_config(laser={**GATED, "center": True}), llm=llm)
+    weights = load_file(str(run / LASER_DIR / WEIGHTS_FILE))
+    save_file({**weights, "gate": torch.tensor(0.02)}, str(run / LASER_DIR / WEIGHTS_FILE))
+    config = json.loads((run / LASER_DIR / CONFIG_FILE).read_text())
+    (run / LASER_DIR / CONFIG_FILE).write_text(json.dumps({**config, "gate": 0.02}))
+    manifest = export_run(run, root / "art", llm=llm, quantize=["int8-dynamic"])
+    return run, root / "art", manifest
+
+
+def test_the_export_writes_the_fused_item_matrix_and_records_the_gate(fused_export, llm):
+    run, art, manifest = fused_export
+    settings = manifest["settings"]
+    assert (settings["fusion"], settings["temperature"], settings["score"]) == ("gated", 0.05, "dot")
+    assert settings["gate"] == pytest.approx(0.02)
+    assert manifest["end_to_end"]["top10"]["same_set"] >= 0.99
+    model, items, _ = load_laser(run, llm=llm)
+    matrix = np.load(art / "item_matrix.npy")
+    np.testing.assert_array_equal(matrix[:, :model.sasrec.config.hidden_size], model.sasrec.item_vectors().detach())
+    np.testing.assert_array_equal(matrix[:, model.sasrec.config.hidden_size:], items.numpy())
+    # The int8 variant is measured on the fused ranking: its fp32 reference is the torch model's fused top 10.
+    variant = manifest["graphs"]["user_encoder"]["variants"]["int8-dynamic"]
+    sequences, inputs = _run_inputs(run, model)
+    histories, targets = sequences.split("test")
+    scores = laser_scorer(model, inputs, items, batch_size=16)(histories)
+    hits = (top_k(scores, 10)[0] == targets[:, None] - 1).any(1)
+    assert variant["recall@10_fp32"] == pytest.approx(float(hits.mean()))
+
+
+def _run_inputs(run, model):
+    """The run's sequences and the torch model's inputs, as evaluate builds them."""
+    from laser_batch.checkpoint import read_run_info
+    from laser_batch.contracts import load_data_dir
+    from laser_batch.sequences import build_sequences
+
+    dataset = load_data_dir(read_run_info(run)["data_dir"])
+    sequences = build_sequences(dataset.interactions)
+    config = json.loads((run / LASER_DIR / CONFIG_FILE).read_text())
+    inputs = laser_inputs(model.llm, dataset.items, sequences, TextConfig(**config["text"]),
+                          model.sasrec.config.max_len)
+    return sequences, inputs
+
+
+def test_score_and_evaluate_agree_on_every_users_top_10(fused_export, llm, tmp_path):
+    from laser_batch.score import score_users
+
+    run, art, _ = fused_export
+    model, items, config = load_laser(run, llm=llm)
+    sequences, inputs = _run_inputs(run, model)
+    histories, _ = sequences.split("test")
+    users = pl.DataFrame({"user_id": sequences.user_ids,
+                          "history": [sequences.item_ids.gather(h - 1).to_list() for h in histories]})
+    users.write_parquet(tmp_path / "users.parquet")
+    score_users(tmp_path / "users.parquet", art, tmp_path / "out", top_k=10)
+    recs = pl.read_parquet(tmp_path / "out" / "part-*.parquet").sort("user_id", "rank")
+
+    # evaluate --model laser's scorer
+    scores = laser_scorer(model, inputs, items, batch_size=config["laser"]["item_batch_size"])(histories)
+    sasrec = sasrec_scores(model.sasrec, histories)
+    for table in (scores, sasrec):
+        exclude_items(table, histories)
+    top, best = top_k(scores, 10)
+    assert recs.height == 10 * len(histories)
+    for row, user in enumerate(sequences.user_ids.to_list()):
+        mine = recs.filter(pl.col("user_id") == user)
+        assert mine["item_id"].to_list() == sequences.item_ids.gather(top[row]).to_list(), user
+        np.testing.assert_allclose(mine["score"].to_numpy(), best[row], rtol=1e-4, atol=1e-4)
+    # Laser's part counts at this gate: most users' fused top 10 is not SASRec's.
+    assert (top != top_k(sasrec, 10)[0]).any(axis=1).mean() > 0.5
