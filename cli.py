@@ -175,7 +175,8 @@ def train(
             laser = train_laser(out, cfg, overwrite=overwrite, resume=resume, progress=_progress)
             metrics = " ".join(f"{k} {v:.4f}" for k, v in laser.valid_metrics.items())
             typer.echo(f"{laser.checkpoint}: best stage {laser.best_stage} epoch {laser.best_epoch}, valid {metrics}, "
-                       f"{laser.seconds_per_epoch:.0f}s/epoch, {laser.trainable_parameters} trained parameters")
+                       f"{laser.seconds_per_epoch:.0f}s/epoch, {laser.trainable_parameters} trained parameters"
+                       + (f", gate {laser.gate:.4f}" if laser.gate is not None else ""))
 
 
 @app.command()
@@ -219,6 +220,8 @@ def evaluate(
                f"history {'excluded' if result['exclude_history'] else 'included'})")
     for name, value in result["metrics"].items():
         typer.echo(f"  {name:<10} {value:.4f}")
+    if result.get("gate") is not None:  # a fused Laser: the weight of its LLM part (0 = SASRec alone)
+        typer.echo(f"  {'gate':<10} {result['gate']:.4f}")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n")

@@ -106,8 +106,9 @@ def laser_proxy_table(results_dir: Path) -> str:
             "|---|---|---|---|---|---|---|"]
     rows += _reference_rows(r["reference"], (("popularity", "popularity"), ("sasrec", "SASRec alone")), 3)
     for name, v in r["variants"].items():
-        losses = " / ".join(f"{e['loss']:.2f}" for e in v["epochs"])
-        valid = " / ".join(f"{e['HR@10']:.3f}" for e in v["epochs"])
+        trained = [e for e in v["epochs"] if "loss" in e]  # a fused run's epoch 0 (its untrained start) has no loss
+        losses = " / ".join(f"{e['loss']:.2f}" for e in trained)
+        valid = " / ".join(f"{e['HR@10']:.3f}" for e in trained)
         rows.append(f"| {name} | {_fmt(v['test'], 'HR@10')} | {_fmt(v['test'], 'NDCG@10')} | {_fmt(v['test'], 'MRR')} "
                     f"| {losses} | {valid} | {v.get('cpu', r['machine']['cpu'])} |")
     ln_n = "ln(1682) = 7.43"
