@@ -209,7 +209,7 @@ def _train_epoch(training: LaserTraining, items: torch.Tensor, desc: str) -> flo
     total = 0.0
     optimizer.zero_grad(set_to_none=True)
     for i, rows in enumerate(batches):
-        users, lb_loss = model(*training.inputs.users([histories[r] for r in rows]))
+        users, lb_loss = model.training_forward(*training.inputs.users([histories[r] for r in rows]))
         loss = model.loss(users, items, torch.from_numpy(targets[rows]), lb_loss)
         (loss / cfg.grad_accumulation).backward()
         if (i + 1) % cfg.grad_accumulation == 0 or i + 1 == len(batches):
