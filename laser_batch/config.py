@@ -97,6 +97,7 @@ PAPER_INSTRUCTION = (
 )
 LLM_DTYPES = ("float32", "bfloat16", "auto")  # auto: bfloat16 where the CPU has native bf16, else float32
 PREFIX_KINDS = ("mformer", "free", "none")
+CF_POSITIONS = ("prefix", "after_text")
 POOLINGS = ("suffix", "mean", "eos")
 FUSIONS = ("none", "gated")
 MFORMER_PRESETS = {
@@ -175,6 +176,10 @@ class LaserConfig:
     """Bi-Tuning, the loss and the two training stages (paper values as defaults where the paper gives them)."""
 
     prefix: str = "mformer"  # "free": learned prefix without collaborative input; "none": no prefix
+    # Where the prefix goes: "prefix" (the paper) = [prefix] + text + [suffix]; "after_text" = text + [prefix] +
+    # [suffix]. With a causal LLM the text then depends on nothing trained, so training encodes it once per step
+    # without gradients and runs forward and backward over the prefix and suffix only (Laser.training_forward).
+    cf_position: str = "prefix"
     num_suffix_tokens: int = 1
     pooling: str = "suffix"
     # Not in the paper: subtract the catalogue's mean embedding before the cosine. A small LLM's last hidden
@@ -209,6 +214,8 @@ class LaserConfig:
 
     def __post_init__(self) -> None:
         _require(self.prefix in PREFIX_KINDS, "laser.prefix", self.prefix, f"one of {', '.join(PREFIX_KINDS)}")
+        _require(self.cf_position in CF_POSITIONS, "laser.cf_position", self.cf_position,
+                 f"one of {', '.join(CF_POSITIONS)}")
         _require(self.pooling in POOLINGS, "laser.pooling", self.pooling, f"one of {', '.join(POOLINGS)}")
         _require(self.item_id_vector in ("embedding", "sequence"), "laser.item_id_vector", self.item_id_vector,
                  "'embedding' or 'sequence'")

@@ -8,18 +8,34 @@ the gate g of score(u, i) = SASRec(u, i) + g * cos(laser_u, laser_i) / tau).
 
 The frozen LLM and SASRec are held outside the module tree, so they are never trained, never switched
 to train mode and never saved with our weights.
+
+`laser.cf_position = "after_text"` moves the prefix after the text: embed(text) + [prefix] + [suffix]. The causal
+LLM's text states then depend on nothing trained, so training computes them without gradients and back-propagates
+through the prefix and suffix positions only (`training_forward`); everything else runs the whole sequence.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import Cache
 
 from laser_batch.config import LaserConfig, MFormerConfig
 from laser_batch.llm import FrozenLLM
 from laser_batch.mformer import MFormer
 from laser_batch.sasrec import SASRec
+
+
+class TextState(NamedTuple):
+    """The frozen LLM's work on a left-padded text batch, for the positions that follow it (`cf_position`)."""
+
+    cache: Cache  # the keys and values of every layer over the text (a transformers DynamicCache)
+    hidden: torch.Tensor  # (B, T, D) last-layer states
+    attention_mask: torch.Tensor  # (B, T) 1 for real tokens
+    lengths: torch.Tensor  # (B,) real tokens per row: the next position of each row
 
 
 class Laser(nn.Module):
@@ -111,26 +127,82 @@ class Laser(nn.Module):
         self, prefix: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, raw: bool = False,
         items: bool = False,
     ) -> torch.Tensor:
-        """The frozen LLM over [prefix] + embed(text) + [suffix]: (B, D) embeddings, centred and L2-normalised.
+        """The frozen LLM over the whole input: (B, D) embeddings, centred and L2-normalised.
 
-        The exported user encoder is this function (the token lookup included). `items`: centre as items
-        (by the catalogue mean) rather than as users (by `user_center` when `laser.center_users` is set).
+        The input is [prefix] + embed(text) + [suffix], or embed(text) + [prefix] + [suffix] with
+        `laser.cf_position = "after_text"`. The exported user encoder is this function (the token lookup included).
+        `items`: centre as items (by the catalogue mean) rather than as users (by `user_center` when
+        `laser.center_users` is set).
         """
-        batch = input_ids.shape[0]
-        ones = attention_mask.new_ones
-        parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (embeddings (B, n, D), mask (B, n)) in input order
-        if prefix is not None:
-            parts.append((prefix, ones(batch, prefix.shape[1])))
-        parts.append((self.llm.embed(input_ids), attention_mask))  # (B, T, D)
-        if self.config.pooling == "suffix":
-            parts.append((self.suffix.expand(batch, -1, -1), ones(batch, self.suffix.shape[0])))
-        elif self.config.pooling == "eos":  # the untrained-EOS ablation
-            eos = torch.full((batch, 1), self.eos_id, device=input_ids.device)
-            parts.append((self.llm.embed(eos), ones(batch, 1)))
+        head, tail = self._trained_parts(prefix, attention_mask)
+        text = [(self.llm.embed(input_ids), attention_mask)]  # (B, T, D)
+        parts = text + head + tail if self.config.cf_position == "after_text" else head + text + tail
         embeds = torch.cat([p.to(self.llm.model.dtype) for p, _ in parts], dim=1)  # (B, P + T + S, D)
         mask = torch.cat([m for _, m in parts], dim=1)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # padding in the middle does not shift positions
         hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).float()
+        return self._pool(hidden, mask, raw=raw, items=items)
+
+    def training_forward(
+        self, id_history: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a training step runs for users: `forward`, the same embeddings by a cheaper route where it can.
+
+        With `laser.cf_position = "after_text"` the text depends on nothing trained: its keys and values are
+        computed without gradients (`encode_text`) and the graph holds only the prefix and suffix positions
+        (`encode_after_text`). The full-sequence `encode` stays the reference (items, evaluation, export).
+        """
+        if self.config.cf_position != "after_text":
+            return self(id_history, input_ids, attention_mask)
+        prefix, lb_loss = self.make_prefix(id_history, input_ids.shape[0])
+        return self.encode_after_text(prefix, self.encode_text(input_ids, attention_mask)), lb_loss
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextState:
+        """The frozen LLM over the left-padded text alone, without gradients: its keys/values and hidden states.
+
+        Memory: one key and one value per layer, KV head and token; SmolLM2-135M (30 layers, 3 KV heads of 64) holds
+        46 KB per token in float32, so 14 MB for a 300-token user. Kept for one batch only: across an epoch the
+        texts would need that per training sample (13 GB for ML-100K's 943 users), and each is used once per epoch.
+        """
+        positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+        out = self.llm.model(inputs_embeds=self.llm.embed(input_ids), attention_mask=attention_mask,
+                             position_ids=positions, use_cache=True)
+        return TextState(out.past_key_values, out.last_hidden_state, attention_mask, attention_mask.sum(1))
+
+    def encode_after_text(
+        self, prefix: torch.Tensor | None, text: TextState, *, raw: bool = False, items: bool = False
+    ) -> torch.Tensor:
+        """`encode` with `cf_position = "after_text"`, run over the prefix and suffix only, attending to `text`.
+
+        Equal to `encode` on the whole sequence up to float rounding (tests/test_cf_position.py). `text` is used
+        up: the LLM appends these positions' keys and values to its cache.
+        """
+        head, tail = self._trained_parts(prefix, text.attention_mask)
+        embeds = torch.cat([p.to(self.llm.model.dtype) for p, _ in head + tail], dim=1)  # (B, L + S, D)
+        new = torch.arange(embeds.shape[1], device=embeds.device)
+        mask = torch.cat([text.attention_mask, *(m for _, m in head + tail)], dim=1)  # (B, T + L + S): past + new
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=text.lengths[:, None] + new,
+                                past_key_values=text.cache, use_cache=True).last_hidden_state
+        hidden = torch.cat([text.hidden, hidden], dim=1).float()  # mean pooling reads the text's states too
+        return self._pool(hidden, mask, raw=raw, items=items)
+
+    def _trained_parts(
+        self, prefix: torch.Tensor | None, attention_mask: torch.Tensor
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The inputs around the text, each (embeddings (B, n, D), mask (B, n)): ([prefix], [suffix or EOS])."""
+        batch, ones = attention_mask.shape[0], attention_mask.new_ones
+        head = [] if prefix is None else [(prefix, ones(batch, prefix.shape[1]))]
+        tail = []
+        if self.config.pooling == "suffix":
+            tail.append((self.suffix.expand(batch, -1, -1), ones(batch, self.suffix.shape[0])))
+        elif self.config.pooling == "eos":  # the untrained-EOS ablation
+            eos = torch.full((batch, 1), self.eos_id, device=attention_mask.device)
+            tail.append((self.llm.embed(eos), ones(batch, 1)))
+        return head, tail
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor, *, raw: bool, items: bool) -> torch.Tensor:
+        """Last-layer states (B, P + T + S, D) float32 -> the (B, D) embedding (see `encode`)."""
         if self.config.pooling == "mean":
             pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         else:

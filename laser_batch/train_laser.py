@@ -242,7 +242,7 @@ def _train_epoch(training: LaserTraining, items: torch.Tensor, desc: str) -> flo
     optimizer.zero_grad(set_to_none=True)
     for i, rows in enumerate(batches):
         batch = training.inputs.users([histories[r] for r in rows])
-        users, lb_loss = model(*batch)
+        users, lb_loss = model.training_forward(*batch)
         loss = model.loss(users, items, torch.from_numpy(targets[rows]), lb_loss, id_history=batch[0])
         (loss / cfg.grad_accumulation).backward()
         if (i + 1) % cfg.grad_accumulation == 0 or i + 1 == len(batches):
