@@ -56,6 +56,7 @@ class Format(str, Enum):
     recbole = "recbole"
     movielens = "movielens"
     amazon2018 = "amazon2018"
+    unisrec = "unisrec"
 
 
 @contextmanager

@@ -14,10 +14,16 @@ import json
 import sys
 from pathlib import Path
 
+from scientific_table import RESULTS as SCIENTIFIC_RESULTS
+from scientific_table import laser_scientific_table, scientific_headline
+
 ROOT = Path(__file__).resolve().parent.parent
 LASER_ROWS = (("popularity", "popularity"), ("sasrec", "SASRec alone (frozen ID model)"), ("laser", "**Laser**"),
               ("laser_no_prefix", "Laser, no prefix"), ("laser_no_moe", "Laser, no MoE (K = 1)"))
-DATASETS = ("Beauty", "Sports_and_Outdoors", "LastFM")
+DATASETS = ("Beauty", "Sports_and_Outdoors", "LastFM", "Scientific")
+PUBLISHED_LABELS = (("SASRec, published (BCE)", "sasrec"), ("SASRec, public CE reference", "sasrec_ce_reference"),
+                    ("popularity, published", "popularity"), ("SASRec, Laser paper", "sasrec_laser_paper"),
+                    ("Laser, Laser paper (frozen 6B LLM)", "laser_paper"))
 
 
 def _fmt(metrics: dict | None, key: str) -> str:
@@ -42,13 +48,11 @@ def sasrec_table(results_dir: Path) -> str:
                     f"| {r['epochs_run']} ({r['best_epoch']}) | {minutes} |")
         rows.append(f"| {name} | popularity, laser-batch | {_fmt(pop, 'HR@10')} | {_fmt(pop, 'NDCG@10')} "
                     f"| {_fmt(pop, 'HR@20')} | {_fmt(pop, 'NDCG@20')} | {_fmt(pop, 'MRR')} | | |")
-        labels = (("SASRec, published (BCE)", "sasrec"), ("SASRec, public CE reference", "sasrec_ce_reference"),
-                  ("popularity, published", "popularity"))
-        for label, key in labels:
+        for label, key in PUBLISHED_LABELS:
             if key in published:
                 m = published[key]
                 rows.append(f"| {name} | {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | {_fmt(m, 'HR@20')} "
-                            f"| {_fmt(m, 'NDCG@20')} | - | | |")
+                            f"| {_fmt(m, 'NDCG@20')} | {_fmt(m, 'MRR')} | | |")
     machine = next((json.loads(p.read_text())["machine"] for p in sorted(results_dir.glob("sasrec_*.json"))), None)
     note = f"\n\nMeasured on {machine['cpu']}, {machine['torch_threads']} threads." if machine else ""
     return "\n".join(rows) + note
@@ -274,8 +278,11 @@ def headline_table(results_dir: Path) -> str:
     rows = ["| benchmark | laser-batch | reference |", "|---|---|---|"]
     for path in (results_dir / f"sasrec_{name}.json" for name in DATASETS):
         r = json.loads(path.read_text())
+        key = "sasrec" if "sasrec" in r["published"] else "sasrec_laser_paper"
+        reference = "published SASRec" if key == "sasrec" else "the Laser paper's SASRec"
         rows.append(f"| SASRec on {r['dataset']}: test HR@10 / NDCG@10 | {_hr_ndcg(r['models']['sasrec'])} "
-                    f"| published SASRec {_hr_ndcg(r['published']['sasrec'])} |")
+                    f"| {reference} {_hr_ndcg(r['published'][key])} |")
+    rows += scientific_headline(results_dir)
     # the benchmark's own config and its variants (benchmarks/configs/laser_ml100k_*.toml); the best Laser of them
     configs = {p.stem.removeprefix("laser_ml100k").removeprefix("_") or "main": json.loads(p.read_text())["models"]
                for p in sorted(results_dir.glob("laser_ml100k*.json"))}
@@ -296,7 +303,7 @@ def headline_table(results_dir: Path) -> str:
     rows.append(f"| SmolLM2-135M Laser user encoder, ONNX Runtime fp32, CPU | {fp32['users_per_s']:.2f} users/s "
                 f"| PyTorch eager fp32 {smollm2['torch_fp32_users_per_s']:.2f} users/s |")
     used = [*(results_dir / f"sasrec_{name}.json" for name in DATASETS), *results_dir.glob("laser_ml100k*.json"),
-            results_dir / "score_throughput.json"]
+            results_dir / "score_throughput.json", *results_dir.glob(SCIENTIFIC_RESULTS)]
     cpus = sorted({json.loads(p.read_text())["machine"]["cpu"] for p in used})
     return "\n".join(rows) + (f"\n\nHR@10 / NDCG@10: leave-one-out test split, full ranking, history excluded. "
                               f"Measured on 2-core machines ({' / '.join(cpus)}); every row, with its command and "
@@ -328,7 +335,8 @@ def cuda_table(results_dir: Path) -> str:
 TABLES = {
     "README.md": (("headline", headline_table),),
     "benchmarks/README.md": (
-        ("sasrec", sasrec_table), ("laser", laser_table), ("laser-proxy", laser_proxy_table),
+        ("sasrec", sasrec_table), ("laser-scientific", laser_scientific_table),
+        ("laser", laser_table), ("laser-proxy", laser_proxy_table),
         ("laser-bypass", laser_bypass_table), ("export", export_table), ("topk-sensitivity", sensitivity_table),
         ("score", score_table), ("score-ray", score_ray_table), ("cuda", cuda_table),
     ),

@@ -1,9 +1,10 @@
-"""SASRec and popularity on the S3-Rec datasets (Beauty, Sports_and_Outdoors, LastFM), full ranking.
+"""SASRec and popularity on the S3-Rec datasets (Beauty, Sports_and_Outdoors, LastFM) and Amazon Scientific.
 
     python benchmarks/sasrec_s3rec.py [--data-root ../shared/data/s3rec] [--dataset Beauty ...] [--force]
 
-For each dataset: convert the S3-Rec file into the Parquet contract, train SASRec with
-benchmarks/configs/sasrec_s3rec.toml, evaluate SASRec and popularity on the test split (history
+For each dataset: convert it into the Parquet contract (the S3-Rec files from --data-root, Scientific in
+the UniSRec layout from --unisrec-root/Scientific), train SASRec with benchmarks/configs/sasrec_s3rec.toml
+(Scientific: the library defaults, see OVERRIDES), evaluate SASRec and popularity on the test split (history
 excluded, the protocol of the published numbers) and write benchmarks/results/sasrec_<dataset>.json.
 A dataset whose result exists is skipped unless --force, so an interrupted run resumes where it stopped.
 """
@@ -28,7 +29,8 @@ from laser_batch.evaluate import evaluate_run
 from laser_batch.train import train_sasrec
 
 HERE = Path(__file__).resolve().parent
-DATASETS = ("Beauty", "Sports_and_Outdoors", "LastFM")
+DATASETS = ("Beauty", "Sports_and_Outdoors", "LastFM", "Scientific")
+UNISREC = ("Scientific",)  # in the UniSRec layout under --unisrec-root; the others are S3-Rec files
 # Published SASRec (one-negative BCE), same protocol (S3-Rec paper, Table 2), and the public CE reference run.
 PUBLISHED = {
     "Beauty": {"sasrec": {"HR@10": 0.0605, "NDCG@10": 0.0318, "HR@20": 0.0902, "NDCG@20": 0.0394},
@@ -36,6 +38,9 @@ PUBLISHED = {
                "sasrec_ce_reference": {"HR@10": 0.0900, "NDCG@10": 0.0538}},
     "Sports_and_Outdoors": {"sasrec": {"HR@10": 0.0350, "NDCG@10": 0.0192, "HR@20": 0.0507, "NDCG@20": 0.0231}},
     "LastFM": {"sasrec": {"HR@10": 0.0688, "NDCG@10": 0.0390, "HR@20": 0.0972, "NDCG@20": 0.0463}},
+    # The Laser paper (arXiv 2409.01605), Amazon 2018 Scientific, full ranking; its Laser uses a frozen 6B LLM.
+    "Scientific": {"sasrec_laser_paper": {"HR@10": 0.1305, "NDCG@10": 0.0797, "MRR": 0.0696},
+                   "laser_paper": {"HR@10": 0.1396, "NDCG@10": 0.0970, "MRR": 0.0893}},
 }
 
 
@@ -44,9 +49,13 @@ PUBLISHED = {
 # - LastFM has 1,090 users: batches of 128 give 9 steps an epoch and a noisy validation score, so the
 #   shared patience of 8 epochs stopped it after 18 epochs (test HR@10 0.041, below popularity). Smaller
 #   batches and a longer patience let it train.
+# - Scientific is measured as a new user would train it (`laser-batch train` without --config): every setting
+#   is the library default; benchmarks/laser_scientific.py builds its Laser rows on this SASRec.
+_DEFAULTS = load_config().to_dict()
 OVERRIDES = {
     "Beauty": {"train": {"max_minutes": 14.0}},
     "LastFM": {"train": {"batch_size": 32, "patience": 30}},
+    "Scientific": {"sasrec": _DEFAULTS["sasrec"], "train": _DEFAULTS["train"]},
 }
 
 
@@ -64,9 +73,12 @@ def machine() -> dict:
     }
 
 
-def run_dataset(name: str, data_root: Path, work: Path, config_path: Path) -> dict:
+def run_dataset(name: str, data_root: Path, work: Path, config_path: Path, unisrec_root: Path) -> dict:
     data_dir, run_dir = work / name / "data", work / name / "run"
-    card = convert("s3rec", [data_root / f"{name}.txt"], data_dir)
+    if name in UNISREC:
+        card = convert("unisrec", [unisrec_root / name], data_dir)
+    else:
+        card = convert("s3rec", [data_root / f"{name}.txt"], data_dir)
     config = load_config(config_path, **OVERRIDES.get(name, {}))
     result = train_sasrec(data_dir, run_dir, config, overwrite=True)
     evaluations = {
@@ -92,6 +104,7 @@ def run_dataset(name: str, data_root: Path, work: Path, config_path: Path) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=HERE.parent.parent / "shared" / "data" / "s3rec")
+    parser.add_argument("--unisrec-root", type=Path, default=HERE.parent.parent / "shared" / "data" / "amazon")
     parser.add_argument("--dataset", action="append", choices=DATASETS)
     parser.add_argument("--work", type=Path, default=HERE / "work")
     parser.add_argument("--config", type=Path, default=HERE / "configs" / "sasrec_s3rec.toml")
@@ -106,7 +119,7 @@ def main() -> None:
             logging.info("%s: %s exists, skipping (use --force to rerun)", name, out)
             continue
         started = time.perf_counter()
-        record = run_dataset(name, args.data_root, args.work, args.config)
+        record = run_dataset(name, args.data_root, args.work, args.config, args.unisrec_root)
         record["wall_seconds"] = round(time.perf_counter() - started, 1)
         record["command"] = " ".join([Path(sys.executable).name, *sys.argv])
         record["machine"] = machine()

@@ -9,6 +9,8 @@
 - ``amazon2018``: 5-core reviews + category metadata (JSON lines, plain or gzip). The 5-core interactions are
   taken as given; timestamps are ``unixReviewTime``; text: ``brand``, ``category``. Metadata: first record per
   asin wins; a title is unusable if blank after ``html.unescape``, over 300 characters, or holding an HTML tag.
+- ``unisrec``: a RecBole/UniSRec sequential dataset directory (``X.train.inter`` ... ``X.text``); see
+  convert_unisrec.py. It keeps items without text (empty title, counted) instead of dropping them.
 
 Shared rules: ``genres`` reads ``Action, Comedy``. Ids stay integers when all parse as integers, else strings.
 Text is UTF-8, or latin-1 where it is not valid UTF-8 (older GroupLens files). Exact duplicate interactions are
@@ -36,7 +38,7 @@ from laser_batch.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("s3rec", "recbole", "movielens", "amazon2018")
+FORMATS = ("s3rec", "recbole", "movielens", "amazon2018", "unisrec")
 MAX_TITLE_CHARS = 300
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -64,7 +66,7 @@ def convert(input_format: str, inputs: list[Path], out: Path) -> dict:
     Raises:
         InputError: unknown format, missing or unreadable input, malformed line or field, empty result.
     """
-    if input_format not in _READERS:
+    if input_format not in FORMATS:
         raise InputError(f"unknown input format {input_format!r}; expected one of: {', '.join(FORMATS)}")
     inputs = [Path(p) for p in inputs]
     if not inputs:
@@ -72,6 +74,12 @@ def convert(input_format: str, inputs: list[Path], out: Path) -> dict:
     for path in inputs:
         if not path.exists():
             raise InputError(f"{path}: file not found")
+    if input_format == "unisrec":  # a directory, converted whole: it keeps items without text
+        if len(inputs) != 1:
+            raise InputError(f"{_joined(inputs)}: unisrec takes exactly one dataset directory, got {len(inputs)}")
+        from laser_batch.convert_unisrec import convert_unisrec
+
+        return convert_unisrec(inputs[0], Path(out))
     interactions, items = _READERS[input_format](inputs)
     return _finish(interactions, items, inputs, input_format, Path(out))
 

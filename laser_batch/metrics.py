@@ -86,3 +86,34 @@ def rank_targets(
             exclude_items(scores, batch)
         ranks[start:stop] = target_ranks(scores, targets[start:stop])
     return ranks
+
+
+def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Each user's NDCG@k from the 1-based rank of their one target: 1 / log2(rank + 1) within the top k, else 0."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
+def paired_bootstrap(
+    baseline: np.ndarray, candidate: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, tuple[float, float]]:
+    """Mean per-user difference (candidate - baseline) and its percentile bootstrap interval.
+
+    The users are resampled with replacement and both models keep their pairing, so the interval reflects how the
+    difference varies across users, not how each model's mean does (which is much wider on the same data).
+
+    Args:
+        baseline, candidate: one value per user (e.g. `ndcg_per_user`), in the same user order.
+        resamples: bootstrap resamples.
+        seed: seed of the resampling, so a result can be reproduced.
+        level: coverage of the interval (0.95: the 2.5th and 97.5th percentiles of the resampled means).
+    """
+    if np.ndim(baseline) != 1 or np.shape(baseline) != np.shape(candidate) or np.size(baseline) == 0:
+        raise ValueError(f"need two equal-length, non-empty 1-D arrays, got {np.shape(baseline)} "
+                         f"and {np.shape(candidate)}")
+    diff = np.asarray(candidate, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = np.array([diff[rng.integers(0, diff.size, diff.size)].mean() for _ in range(resamples)])
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(diff.mean()), (float(low), float(high))

@@ -3,7 +3,14 @@ import math
 import numpy as np
 import pytest
 
-from laser_batch.metrics import exclude_items, metrics_from_ranks, rank_targets, target_ranks
+from laser_batch.metrics import (
+    exclude_items,
+    metrics_from_ranks,
+    ndcg_per_user,
+    paired_bootstrap,
+    rank_targets,
+    target_ranks,
+)
 
 
 def test_ranks_are_one_based_and_pessimistic_on_ties():
@@ -59,3 +66,35 @@ def test_a_target_in_the_history_is_a_miss_not_a_leak():
         return np.array([[5.0, 1.0, 0.0]], dtype=np.float32)
 
     assert rank_targets(scorer, [np.array([1])], np.array([1])).tolist() == [3]
+
+
+def test_ndcg_per_user_by_hand():
+    assert ndcg_per_user(np.array([1, 3, 10, 11])).tolist() == [1.0, 0.5, pytest.approx(1 / math.log2(11)), 0.0]
+    assert ndcg_per_user(np.array([3]), k=2).tolist() == [0.0]
+
+
+def test_paired_bootstrap_by_hand():
+    # A constant per-user gain: every resample of the pairs has mean exactly 0.1, so the interval is [0.1, 0.1]
+    # although the two models' own scores vary widely across users.
+    base = np.array([0.1, 0.5, 0.9, 0.3])
+    diff, (low, high) = paired_bootstrap(base, base + 0.1)
+    assert diff == pytest.approx(0.1)
+    assert (low, high) == (pytest.approx(0.1), pytest.approx(0.1))
+    # Two users with differences 0 and 1: a resample's mean is 0 (p 1/4), 0.5 (1/2) or 1 (1/4), so with 1000
+    # resamples the 2.5th percentile is 0 and the 97.5th is 1; the sign is candidate - baseline.
+    diff, (low, high) = paired_bootstrap(np.array([1.0, 0.0]), np.array([1.0, 1.0]))
+    assert (diff, low, high) == (0.5, 0.0, 1.0)
+    diff, (low, high) = paired_bootstrap(np.array([1.0, 1.0]), np.array([1.0, 0.0]))
+    assert (diff, low, high) == (-0.5, -1.0, 0.0)
+    # Seeded: the same seed gives the same interval, a narrower level a narrower one.
+    rng = np.random.default_rng(1)
+    a, b = rng.random(50), rng.random(50)
+    assert paired_bootstrap(a, b, seed=3) == paired_bootstrap(a, b, seed=3)
+    _, (low90, high90) = paired_bootstrap(a, b, seed=3, level=0.9)
+    _, (low95, high95) = paired_bootstrap(a, b, seed=3)
+    assert low95 <= low90 < high90 <= high95
+
+
+def test_paired_bootstrap_refuses_unpaired_input():
+    with pytest.raises(ValueError, match=r"equal-length.*\(3,\) and \(2,\)"):
+        paired_bootstrap(np.zeros(3), np.zeros(2))
