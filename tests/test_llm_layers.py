@@ -111,6 +111,11 @@ def test_a_run_records_its_layers_reloads_them_and_refuses_another_count(sasrec_
     with pytest.raises(CheckpointError, match="fingerprint"):
         load_laser(run, llm=load_llm(LLMConfig("tiny")))  # all layers: refused
 
+    from laser_batch.exporters.export import export_run
+
+    manifest = export_run(run, tmp_path / "art")  # the exporter finds the truncated LLM through the checkpoint
+    assert manifest["settings"]["llm"] == saved["llm"]
+
 
 def test_exported_user_encoder_holds_only_the_kept_blocks(sasrec_run, tmp_path):
     from laser_batch.exporters.parts import PartConfig, UserEncoderOnnxConfig, UserEncoderPart, export_part
