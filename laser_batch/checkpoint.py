@@ -156,7 +156,7 @@ def load_laser(run_dir: Path, *, llm=None):
     """Rebuild a trained Laser from RUN_DIR/laser (and RUN_DIR/sasrec, and the LLM it names).
 
     Returns (model in eval mode, item matrix (N, D), config dict). The LLM found must have the
-    fingerprint recorded at training time.
+    fingerprint recorded at training time (which covers how many of its layers were kept).
     """
     from safetensors.torch import load_file
 
@@ -169,8 +169,9 @@ def load_laser(run_dir: Path, *, llm=None):
     if not (directory / ITEM_MATRIX_FILE).is_file():
         raise CheckpointError(f"{directory}: incomplete checkpoint, missing {ITEM_MATRIX_FILE}")
     sasrec, _ = load_sasrec(Path(run_dir) / SASREC_DIR)
-    if llm is None:
-        llm = load_llm(LLMConfig(source=config["llm"]["source"], dtype=config["llm_dtype"]))
+    if llm is None:  # the layers it kept (`llm.num_layers`): all of them for an untruncated LLM
+        llm = load_llm(LLMConfig(source=config["llm"]["source"], dtype=config["llm_dtype"],
+                                 num_layers=config["llm"]["num_layers"]))
     if llm.fingerprint != config["llm"]["fingerprint"]:
         raise CheckpointError(
             f"{directory}: trained with LLM {config['llm']['source']} of fingerprint "

@@ -113,10 +113,13 @@ class LLMConfig:
 
     source: str = "tiny"
     dtype: str = "float32"
+    # Keep only the first N decoder blocks (and the final norm); 0 keeps all. The rest are freed after loading.
+    num_layers: int = 0
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "llm.source", self.source, "a hub id, a directory, a .gguf file or 'tiny'")
         _require(self.dtype in LLM_DTYPES, "llm.dtype", self.dtype, f"one of {', '.join(LLM_DTYPES)}")
+        _require(self.num_layers >= 0, "llm.num_layers", self.num_layers, "an integer >= 0 (0 = all layers)")
 
 
 @dataclass

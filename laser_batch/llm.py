@@ -8,8 +8,11 @@ Sources (`LLMConfig.source`):
 - an existing directory: `save_pretrained` output (config, weights, tokenizer);
 - anything else: a Hugging Face hub id (`HF_HUB_OFFLINE=1` makes it use the local cache only).
 
-Only the base decoder is kept (no LM head): Laser reads the last-layer hidden states. The run records
-`describe()`: where the LLM came from and a fingerprint of its config and weights.
+Only the base decoder is kept (no LM head): Laser reads the last-layer hidden states. `LLMConfig.num_layers = N`
+keeps only the first N decoder blocks and the final norm: the blocks after N are deleted after loading (their memory
+is freed) and the model's config says N layers, so the fingerprint, the run record and the exported graph all see
+the truncated model. The run records `describe()`: where the LLM came from, how many layers it keeps of how many,
+and a fingerprint of its config and weights.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from pathlib import Path
 import torch
 import transformers
 from tokenizers import Tokenizer
+from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import is_offline_mode
 
 from laser_batch.config import LLMConfig
 from laser_batch.contracts import first_line
-from laser_batch.errors import InputError
+from laser_batch.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +86,9 @@ class FrozenLLM:
     model: transformers.PreTrainedModel  # the base decoder, no LM head
     tokenizer: transformers.PreTrainedTokenizerBase
     source: str
-    fingerprint: str  # sha256 of the config and every weight tensor
+    fingerprint: str  # sha256 of the config and every weight tensor (of the kept layers only)
     hidden_size: int
+    source_layers: int  # the decoder blocks of the LLM as loaded; `model` may keep fewer (`llm.num_layers`)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The LLM's own token embeddings: (B, T) ids -> (B, T, D)."""
@@ -115,17 +120,21 @@ class FrozenLLM:
             "fingerprint": self.fingerprint,
             "architecture": config.model_type,
             "hidden_size": self.hidden_size,
-            "num_layers": int(config.num_hidden_layers),
+            "num_layers": int(config.num_hidden_layers),  # the blocks kept, what the run computed with
+            "source_layers": self.source_layers,
             "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
             "vocab_size": self.model.get_input_embeddings().num_embeddings,
         }
 
 
 def load_llm(config: LLMConfig) -> FrozenLLM:
-    """Load the frozen LLM named by `config.source` in `config.dtype`; any failure is an `InputError`."""
+    """Load the frozen LLM named by `config.source` in `config.dtype`, keeping its first `config.num_layers` blocks.
+
+    A source that cannot be loaded is an `InputError`; more layers asked for than the LLM has is a `ConfigError`.
+    """
     source = config.source
     if source == TINY_SOURCE:
-        return build_tiny_llm(dtype=config.dtype)
+        return build_tiny_llm(dtype=config.dtype, keep_layers=config.num_layers)
     dtype = resolve_dtype(config.dtype)
     path = Path(source).expanduser()
     hub = False
@@ -149,7 +158,7 @@ def load_llm(config: LLMConfig) -> FrozenLLM:
                              f"(HF_HUB_OFFLINE=1) with no cached copy ({reason})") from e
         kind = "hub model" if hub else "model"
         raise InputError(f"LLM source {source}: could not load the {kind} ({reason})") from e
-    return _freeze(model, tokenizer, source=source, dtype=dtype)
+    return _freeze(model, tokenizer, source=source, dtype=dtype, num_layers=config.num_layers)
 
 
 def build_tiny_llm(
@@ -161,11 +170,12 @@ def build_tiny_llm(
     seed: int = 0,
     tokenizer: transformers.PreTrainedTokenizerBase | None = None,
     dtype: str = "float32",
+    keep_layers: int = 0,
 ) -> FrozenLLM:
     """A small random decoder built from a transformers config: deterministic for a seed, global RNG untouched.
 
     `architecture` is "llama" (the embedded demo's), "qwen2" or "gpt2"; the vocabulary is the tokenizer's
-    (default: the embedded tiny tokenizer).
+    (default: the embedded tiny tokenizer). `keep_layers` truncates it as `llm.num_layers` does (0: keep all).
     """
     if architecture not in TINY_ARCHITECTURES:
         raise InputError(f"tiny LLM architecture {architecture!r}: expected one of {', '.join(TINY_ARCHITECTURES)}")
@@ -188,7 +198,7 @@ def build_tiny_llm(
     defaults = architecture == "llama" and (hidden_size, num_layers, num_heads, seed) == (64, 2, 4, 0)
     source = TINY_SOURCE if defaults else (f"tiny(architecture={architecture}, hidden_size={hidden_size}, "
                                            f"num_layers={num_layers}, num_heads={num_heads}, seed={seed})")
-    return _freeze(model, tokenizer, source=source, dtype=resolve_dtype(dtype))
+    return _freeze(model, tokenizer, source=source, dtype=resolve_dtype(dtype), num_layers=keep_layers)
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -223,12 +233,47 @@ def _freeze(
     *,
     source: str,
     dtype: torch.dtype,
+    num_layers: int = 0,
 ) -> FrozenLLM:
+    source_layers = int(model.config.num_hidden_layers)
+    keep_first_layers(model, num_layers, source=source)  # before the dtype cast and the fingerprint: less work
     _ensure_pad_token(model, tokenizer)
     tokenizer.padding_side = "left"  # Laser reads the last position; its callers pad on the left
     model = model.to(dtype).eval().requires_grad_(False)
     return FrozenLLM(model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint(model),
-                     hidden_size=int(model.config.hidden_size))
+                     hidden_size=int(model.config.hidden_size), source_layers=source_layers)
+
+
+def keep_first_layers(model: transformers.PreTrainedModel, num_layers: int, *, source: str) -> None:
+    """Keep the first `num_layers` decoder blocks of a base decoder in place (0 or all: unchanged).
+
+    The final norm stays: it is applied after the block list (Llama/Qwen2 `norm`, GPT-2 `ln_f`), so the output is
+    the final norm of block N's output. The dropped blocks are deleted from the module list; nothing else holds
+    them, so their weights are freed. The config is updated (`num_hidden_layers`, which is GPT-2's `n_layer`, and
+    per-layer lists such as Qwen2's `layer_types`): caches, masks, the fingerprint and the export see N layers.
+    """
+    total = int(model.config.num_hidden_layers)
+    if num_layers > total:
+        raise ConfigError(f"llm.num_layers = {num_layers} is invalid: the LLM {source} has {total} layers")
+    if num_layers in (0, total):
+        return
+    blocks = _decoder_blocks(model, num_layers, source)
+    del blocks[num_layers:]
+    model.config.num_hidden_layers = num_layers
+    layer_types = getattr(model.config, "layer_types", None)
+    if isinstance(layer_types, list):
+        model.config.layer_types = layer_types[:num_layers]
+
+
+def _decoder_blocks(model: transformers.PreTrainedModel, num_layers: int, source: str) -> nn.ModuleList:
+    """The base decoder's list of blocks: `layers` (Llama, Qwen2, Mistral, ...) or `h` (GPT-2)."""
+    total = int(model.config.num_hidden_layers)
+    for name in ("layers", "h"):
+        blocks = getattr(model, name, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) == total:
+            return blocks
+    raise ConfigError(f"llm.num_layers = {num_layers}: cannot truncate the LLM {source} "
+                      f"({model.config.model_type}: no list of {total} decoder blocks named `layers` or `h`)")
 
 
 def _ensure_pad_token(model: transformers.PreTrainedModel, tokenizer: transformers.PreTrainedTokenizerBase) -> None:

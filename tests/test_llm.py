@@ -41,7 +41,7 @@ def test_shapes_and_description(tiny):
     assert out.shape == (2, 5, 64) and torch.isfinite(out).all()
     info = tiny.describe()
     assert info["architecture"] == tiny.model.config.model_type
-    assert (info["hidden_size"], info["num_layers"], info["dtype"]) == (64, 2, "float32")
+    assert (info["hidden_size"], info["num_layers"], info["source_layers"], info["dtype"]) == (64, 2, 2, "float32")
     assert info["vocab_size"] == len(tiny.tokenizer) == 1800
     assert info["fingerprint"] == tiny.fingerprint and len(tiny.fingerprint) == 64
     assert not hasattr(tiny.model, "lm_head")
