@@ -214,6 +214,10 @@ class LaserConfig:
     # Not in the paper. "none": rank by Laser's cosine (the paper). "gated": score = SASRec's dot score
     # + g * cosine / tau with a trained scalar g that starts at 0, so training starts from SASRec's exact ranking.
     fusion: str = "none"
+    # The gate's own AdamW learning rate (no weight decay); 0: laser.lr. At laser.lr (1e-4) Adam moves g by about lr
+    # per step, so one epoch of ~1,000 steps cannot take it past ~0.1, while g / tau has to reach the scale of SASRec's
+    # unnormalised scores before the LLM part changes a ranking.
+    gate_lr: float = 0.01
 
     def __post_init__(self) -> None:
         _require(self.prefix in PREFIX_KINDS, "laser.prefix", self.prefix, f"one of {', '.join(PREFIX_KINDS)}")
@@ -236,6 +240,7 @@ class LaserConfig:
         _require(0 <= self.warmup_ratio < 1, "laser.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
         for name in ("batch_size", "grad_accumulation", "item_batch_size", "samples_per_user"):
             _require(getattr(self, name) > 0, f"laser.{name}", getattr(self, name), "a positive integer")
+        _require(self.gate_lr >= 0, "laser.gate_lr", self.gate_lr, "a number >= 0 (0 = laser.lr)")
         _require(self.patience >= 0, "laser.patience", self.patience, "an integer >= 0")
         _require(self.center_users >= 0, "laser.center_users", self.center_users, "an integer >= 0")
         _require(self.center or not self.center_users, "laser.center_users", self.center_users,

@@ -153,8 +153,7 @@ def _prepare(config: Config, model: Laser, inputs: LaserInputs, sequences: Seque
              progress: Progress) -> LaserTraining:
     """The optimiser, schedule, random generator and data subsets of a fresh run."""
     cfg = config.laser
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     users_per_epoch = len(training_samples(sequences, cfg.samples_per_user, np.random.default_rng(0))[1])
     steps_per_epoch = math.ceil(math.ceil(users_per_epoch / cfg.batch_size) / cfg.grad_accumulation)
     scheduler = warmup_cosine(optimizer, steps_per_epoch * (cfg.stage1_epochs + cfg.stage2_epochs), cfg.warmup_ratio)
@@ -173,6 +172,14 @@ def _prepare(config: Config, model: Laser, inputs: LaserInputs, sequences: Seque
         eval_batch_size=config.train.eval_batch_size, select=config.train.select_metric,
         centre_histories=centre_histories,
     )
+
+
+def parameter_groups(model: Laser, cfg) -> list[dict]:
+    """AdamW's groups: every trained weight at laser.lr, and a fused model's gate at laser.gate_lr without decay."""
+    weights = [p for name, p in model.named_parameters() if p.requires_grad and name != "gate"]
+    if not model.fused:
+        return [{"params": weights}]
+    return [{"params": weights}, {"params": [model.gate], "lr": cfg.gate_lr or cfg.lr, "weight_decay": 0.0}]
 
 
 def _gate_record(model: Laser) -> dict:

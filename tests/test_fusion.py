@@ -233,3 +233,26 @@ def test_score_and_evaluate_agree_on_every_users_top_10(fused_export, llm, tmp_p
         np.testing.assert_allclose(mine["score"].to_numpy(), best[row], rtol=1e-4, atol=1e-4)
     # Laser's part counts at this gate: most users' fused top 10 is not SASRec's.
     assert (top != top_k(sasrec, 10)[0]).any(axis=1).mean() > 0.5
+
+
+def test_the_gate_has_its_own_learning_rate_and_no_weight_decay(sasrec_run, llm):
+    from laser_batch.train_laser import parameter_groups
+
+    config = small_config(laser={**GATED, "lr": 1e-4, "gate_lr": 0.05, "weight_decay": 0.1})
+    model, _, _ = build_laser(config, sasrec_run, llm)
+    weights, gate = parameter_groups(model, config.laser)
+    assert gate["params"] == [model.gate] and gate["lr"] == 0.05 and gate["weight_decay"] == 0.0
+    assert all(p is not model.gate for p in weights["params"]) and "lr" not in weights  # the optimizer's laser.lr
+    assert len(weights["params"]) + 1 == len([p for p in model.parameters() if p.requires_grad])
+    # One AdamW step moves g by about its own lr (Adam's first step is lr * sign(gradient)), not by laser.lr
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.laser), lr=config.laser.lr,
+                                  weight_decay=config.laser.weight_decay)
+    model.gate.grad = torch.tensor(-3.0)
+    optimizer.step()
+    assert model.gate_value == pytest.approx(0.05, rel=1e-3)
+    unset, _, _ = build_laser(small_config(laser={**GATED, "lr": 1e-4, "gate_lr": 0.0}), sasrec_run, llm)
+    assert parameter_groups(unset, unset.config)[1]["lr"] == 1e-4  # 0: laser.lr
+    plain, _, _ = build_laser(small_config(), sasrec_run, llm)
+    assert len(parameter_groups(plain, plain.config)) == 1
+    with pytest.raises(ConfigError, match="laser.gate_lr"):
+        small_config(laser={"gate_lr": -1.0})
