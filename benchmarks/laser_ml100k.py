@@ -4,9 +4,10 @@
 
 Fetches ML-100K (../shared/tools/fetch-ml100k.sh) and, by default, SmolLM2-135M (GGUF,
 ../shared/tools/fetch-smollm2.sh) at run time; converts, trains SASRec once, then one Laser run per
-model variant with benchmarks/configs/laser_ml100k.toml. Resumable: each finished model is stored in
-benchmarks/results/laser_ml100k.json as soon as it ends and skipped on the next start; an interrupted
-Laser run continues from its last epoch (train --resume).
+model variant with benchmarks/configs/laser_ml100k.toml (a Laser row also gets its gate g, seconds per epoch,
+trained parameters and the paired difference to SASRec in test NDCG@10 with a 95% bootstrap interval).
+Resumable: each finished model is stored in benchmarks/results/laser_ml100k.json as soon as it ends and skipped
+on the next start; an interrupted Laser run continues from its last epoch (train --resume).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import sys
 import time
 from pathlib import Path
 
+from ranking import Bench, versus_sasrec
 from sasrec_s3rec import machine
 
 from laser_batch.config import load_config
 from laser_batch.convert import convert
 from laser_batch.evaluate import evaluate_run
+from laser_batch.metrics import metrics_from_ranks
 from laser_batch.train import train_sasrec
 from laser_batch.train_laser import train_laser
 
@@ -34,6 +37,9 @@ VARIANTS = {  # model name -> config changes (DESIGN.md ablations)
     "laser": {},
     "laser_no_prefix": {"laser": {"prefix": "none"}},
     "laser_no_moe": {"mformer": {"num_experts": 1, "top_k": 1}},  # one expert: top-k routing is top-1
+    # The combination shipped as the default (issue 22): 8 of SmolLM2's 30 blocks, CF tokens after the text, and the
+    # gated fusion with SASRec (g fitted on validation).
+    "laser_combo": {"llm": {"num_layers": 8}, "laser": {"cf_position": "after_text", "fusion": "gated"}},
 }
 METRICS = ("HR@10", "NDCG@10", "MRR")
 
@@ -85,8 +91,15 @@ def main() -> None:
             variant = load_config(args.config, llm={"source": llm}, **VARIANTS[model])
             started = time.perf_counter()
             result = train_laser(run, variant, resume=True, overwrite=True)
-            metrics = evaluate_run(run, model="laser")["metrics"]
-            record["models"][model] = {k: metrics[k] for k in METRICS}
+            bench = Bench(data, base)
+            ranks = bench.test_ranks(bench.scorer("laser", run))
+            metrics = metrics_from_ranks(ranks)
+            record["models"][model] = {
+                **{k: metrics[k] for k in METRICS}, "gate": result.gate,
+                "seconds_per_epoch": round(result.seconds_per_epoch, 1),
+                "trained_parameters": result.trainable_parameters,
+                "ndcg10_vs_sasrec": versus_sasrec(ranks, bench.test_ranks(bench.scorer("sasrec", base))),
+            }
             record.setdefault("runs", {})[model] = {
                 "command": command,  # models of one results file may come from different invocations
                 "seconds_per_epoch": round(result.seconds_per_epoch, 1),

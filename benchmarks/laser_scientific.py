@@ -29,15 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from laser_ml100k import fetch, save
+from ranking import BOOTSTRAP, Bench, versus_sasrec
 from sasrec_s3rec import OVERRIDES, machine
 from text_blend import blend_scorer, choose_weight, tfidf_similarity
 
 from laser_batch.config import load_config
-from laser_batch.contracts import load_data_dir
 from laser_batch.convert import convert
-from laser_batch.evaluate import _scorer
-from laser_batch.metrics import metrics_from_ranks, ndcg_per_user, paired_bootstrap, rank_targets
-from laser_batch.sequences import Sequences, build_sequences
+from laser_batch.metrics import metrics_from_ranks
 from laser_batch.train import train_sasrec
 from laser_batch.train_laser import train_laser
 
@@ -45,34 +43,8 @@ HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
 BASELINES = ("popularity", "sasrec", "sasrec_tfidf_blend")
 METRICS = ("HR@10", "NDCG@10", "MRR")
-BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95}
 PAPER = {"sasrec": {"HR@10": 0.1305, "NDCG@10": 0.0797, "MRR": 0.0696},  # arXiv 2409.01605, frozen 6B LLM
          "laser": {"HR@10": 0.1396, "NDCG@10": 0.0970, "MRR": 0.0893}}
-
-
-class Bench:
-    """The data, the SASRec run and the splits every row is measured on."""
-
-    def __init__(self, data_dir: Path, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        dataset = load_data_dir(data_dir)
-        self.items = dataset.items
-        self.sequences: Sequences = build_sequences(dataset.interactions)
-        self.splits = {s: self.sequences.split(s) for s in ("valid", "test")}
-
-    def scorer(self, model: str, run_dir: Path, split: str = "test"):
-        return _scorer(model, run_dir, self.sequences, self.splits[split][0], self.items)
-
-    def test_ranks(self, score_batch) -> np.ndarray:
-        histories, targets = self.splits["test"]
-        with torch.no_grad():
-            return rank_targets(score_batch, histories, targets)
-
-    def titles(self) -> list[str]:
-        """Item titles in internal-id order (column j is internal item j + 1)."""
-        order = self.items.select("item_id", "title").to_dict(as_series=False)
-        title_of = dict(zip(order["item_id"], order["title"], strict=True))
-        return [title_of[i] or "" for i in self.sequences.item_ids.to_list()]
 
 
 def sasrec_costs(bench: Bench) -> dict:
@@ -113,11 +85,6 @@ def laser_row(
         "config_file": str(config_path), "config": config.to_dict(), "command": command,
         "best": [result.best_stage, result.best_epoch], "wall_seconds": round(time.perf_counter() - started),
     }
-
-
-def versus_sasrec(ranks: np.ndarray, sasrec_ranks: np.ndarray) -> dict:
-    diff, (low, high) = paired_bootstrap(ndcg_per_user(sasrec_ranks), ndcg_per_user(ranks), **BOOTSTRAP)
-    return {"diff": round(diff, 5), "ci95": [round(low, 5), round(high, 5)]}
 
 
 def prepare(args: argparse.Namespace) -> Path:

@@ -100,6 +100,7 @@ PREFIX_KINDS = ("mformer", "free", "none")
 CF_POSITIONS = ("prefix", "after_text")
 POOLINGS = ("suffix", "mean", "eos")
 FUSIONS = ("none", "gated")
+GATE_FITS = ("valid", "train")
 MFORMER_PRESETS = {
     # The paper's M-Former: 8 experts of 32 queries, width 768, 12 blocks, cross-attention every 2nd block.
     "paper": {"num_experts": 8, "num_queries": 32, "hidden_size": 768, "num_blocks": 12, "num_heads": 12,
@@ -218,6 +219,13 @@ class LaserConfig:
     # per step, so one epoch of ~1,000 steps cannot take it past ~0.1, while g / tau has to reach the scale of SASRec's
     # unnormalised scores before the LLM part changes a ranking.
     gate_lr: float = 0.01
+    # How the gated fusion's g is set. "valid": Laser trains on its own loss (the paper's, cosine / tau) and after
+    # every epoch g is the value of a fixed grid (0 included) that maximises the selection metric of the fused scores
+    # on the validation users - a one-number blend weight fitted on held-out data, like the TF-IDF blend's. "train":
+    # g is trained with the rest on the fused loss over the training samples; measured on Scientific, that never beat
+    # SASRec on validation (SASRec fits its own training targets far better than held-out ones, so the fused loss
+    # there teaches Laser and g little that carries over).
+    gate_fit: str = "valid"
 
     def __post_init__(self) -> None:
         _require(self.prefix in PREFIX_KINDS, "laser.prefix", self.prefix, f"one of {', '.join(PREFIX_KINDS)}")
@@ -247,6 +255,7 @@ class LaserConfig:
                  "0 unless laser.center = true")
         _require(self.valid_users >= 0, "laser.valid_users", self.valid_users, "an integer >= 0 (0: all users)")
         _require(self.fusion in FUSIONS, "laser.fusion", self.fusion, f"one of {', '.join(FUSIONS)}")
+        _require(self.gate_fit in GATE_FITS, "laser.gate_fit", self.gate_fit, f"one of {', '.join(GATE_FITS)}")
 
 
 @dataclass

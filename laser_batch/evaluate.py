@@ -66,7 +66,7 @@ def evaluate_run(
     dataset = load_data_dir(data_dir, drop_unknown_items=drop_unknown)
     sequences = build_sequences(dataset.interactions)
     histories, targets = sequences.split(split)
-    scorer = _scorer(model, Path(run_dir), sequences, histories, dataset.items)
+    scorer = run_scorer(model, Path(run_dir), sequences, histories, dataset.items)
     ranks = rank_targets(scorer, histories, targets, exclude_history=exclude_history, batch_size=batch_size)
     return {
         "model": model,
@@ -88,7 +88,8 @@ def _gate(model: str, run_dir: Path) -> dict:
     return {"gate": config["gate"]} if config["laser"].get("fusion", "none") == "gated" else {}
 
 
-def _scorer(model: str, run_dir: Path, sequences: Sequences, histories: list[np.ndarray], items: pl.DataFrame):
+def run_scorer(model: str, run_dir: Path, sequences: Sequences, histories: list[np.ndarray], items: pl.DataFrame):
+    """The `score_batch` (metrics.rank_targets) of a trained run's model: "popularity", "sasrec" or "laser"."""
     if model == "popularity":
         return popularity_scorer(histories, sequences.num_items)
     if model == "laser":

@@ -17,9 +17,9 @@ import torch
 
 from laser_batch.config import LaserConfig
 from laser_batch.contracts import first_line
-from laser_batch.encode import LaserInputs, encode_items, laser_scorer, recenter_users
+from laser_batch.encode import LaserInputs, encode_items, encode_users, laser_scorer, recenter_users
 from laser_batch.errors import CheckpointError
-from laser_batch.metrics import metrics_from_ranks, rank_targets
+from laser_batch.metrics import exclude_items, metrics_from_ranks, rank_targets, target_ranks
 from laser_batch.model import Laser
 from laser_batch.sequences import Sequences
 from laser_batch.state_file import read_state, write_state
@@ -28,6 +28,9 @@ from laser_batch.training import Progress
 RESUME_FILE = "resume.safetensors"
 LEGACY_RESUME_FILE = "resume.pt"  # pickled by earlier versions: refused, never loaded
 RESUME_FORMAT_VERSION = 2
+# The values `laser.gate_fit = "valid"` chooses g from: 0 (SASRec alone) and 33 steps of about 1.33x from 1e-3 to 10.
+# g / tau multiplies a cosine, SASRec's scores are unnormalised dot products: the useful g depends on their scale.
+GATE_GRID = (0.0, *(float(np.float32(f"{g:.3g}")) for g in np.geomspace(1e-3, 10.0, 33)))  # float32-exact
 
 
 @dataclass
@@ -59,10 +62,45 @@ class LaserTraining:
         return items
 
     def validate(self, items: torch.Tensor) -> dict[str, float]:
-        """Full-ranking metrics of the validation users against `items`."""
+        """Full-ranking metrics of the validation users against `items`.
+
+        With the gated fusion and `laser.gate_fit = "valid"` this first sets g (`fit_gate`) and returns the fused
+        model's metrics at that g.
+        """
+        if self.model.fused and self.config.gate_fit == "valid":
+            return self.fit_gate(items)
         histories, targets = self.valid
         scorer = laser_scorer(self.model, self.inputs, items, batch_size=self.config.item_batch_size)
         return metrics_from_ranks(rank_targets(scorer, histories, targets, batch_size=self.eval_batch_size), self.ks)
+
+    @torch.no_grad()
+    def fit_gate(self, items: torch.Tensor) -> dict[str, float]:
+        """Set the fusion gate g to the `GATE_GRID` value whose fused scores rank the validation targets best.
+
+        Each validation user is encoded once; SASRec's scores S and Laser's cosines C then give every candidate's
+        ranking S + g * C / tau (history excluded, as `validate` ranks). Ties go to the smaller g, so g = 0 (SASRec's
+        exact ranking) stays unless Laser's part improves the selection metric. Returns the metrics at the chosen g
+        with "laser_alone_<select>" (Laser's cosine ranking by itself) added as a diagnostic.
+        """
+        model, (histories, targets) = self.model, self.valid
+        tau = model.config.temperature
+        ranks = np.empty((len(GATE_GRID) + 1, len(targets)), dtype=np.int64)  # the last row: Laser alone
+        item_vectors = model.sasrec.item_vectors()
+        for start in range(0, len(targets), self.eval_batch_size):
+            stop = min(start + self.eval_batch_size, len(targets))
+            batch = list(histories[start:stop])
+            cosine = encode_users(model, self.inputs, batch, batch_size=self.config.item_batch_size) @ items.T
+            sasrec = model.sasrec_state(self.inputs.id_history(batch)) @ item_vectors.T
+            candidates = [sasrec + g * cosine / tau for g in GATE_GRID] + [cosine]
+            for row, scores in enumerate(candidates):
+                scores = scores.numpy().astype(np.float32)
+                exclude_items(scores, batch)
+                ranks[row, start:stop] = target_ranks(scores, targets[start:stop])
+        per_gate = [metrics_from_ranks(r, self.ks) for r in ranks[:-1]]
+        best = max(range(len(GATE_GRID)), key=lambda j: (per_gate[j][self.select], -j))
+        model.gate.fill_(GATE_GRID[best])
+        alone = metrics_from_ranks(ranks[-1], self.ks)[self.select]
+        return {**per_gate[best], f"laser_alone_{self.select}": alone}
 
 
 @dataclass

@@ -58,7 +58,10 @@ class Laser(nn.Module):
         if config.center_users:  # the users' own mean raw embedding, set alongside (not trained)
             self.register_buffer("user_center", torch.zeros(width))
         if config.fusion == "gated":  # Laser's weight next to SASRec's scores; at 0 the model ranks exactly as SASRec
-            self.gate = nn.Parameter(torch.zeros(()))
+            if config.gate_fit == "train":
+                self.gate = nn.Parameter(torch.zeros(()))
+            else:  # set on validation after every epoch (LaserTraining.validate), never by a gradient
+                self.register_buffer("gate", torch.zeros(()))
 
     @property
     def llm(self) -> FrozenLLM:
@@ -219,12 +222,13 @@ class Laser(nn.Module):
     ) -> torch.Tensor:
         """Cross-entropy over the whole catalogue + lambda * load-balancing loss.
 
-        The logits are cosine / tau, or with the gated fusion `fused_scores` (SASRec's dot + g * cosine / tau).
+        The logits are cosine / tau, or with the gated fusion and `gate_fit = "train"` `fused_scores` (SASRec's dot
+        + g * cosine / tau; with `gate_fit = "valid"` Laser trains on its own logits and g is fitted on validation).
         users: (B, D) normalised; items: (N, D) normalised (row j = internal item j + 1); targets: (B,) in 1..N;
         id_history: (B, S) the users' SASRec input (the fusion's SASRec scores), required with the fusion.
         """
         cosine = users @ items.T  # (B, N)
-        if self.fused:
+        if self.fused and self.config.gate_fit == "train":
             if id_history is None:
                 raise ValueError("the gated fusion's loss needs the users' id_history (SASRec's input)")
             logits = self.fused_scores(id_history, cosine)

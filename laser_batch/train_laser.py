@@ -177,7 +177,7 @@ def _prepare(config: Config, model: Laser, inputs: LaserInputs, sequences: Seque
 def parameter_groups(model: Laser, cfg) -> list[dict]:
     """AdamW's groups: every trained weight at laser.lr, and a fused model's gate at laser.gate_lr without decay."""
     weights = [p for name, p in model.named_parameters() if p.requires_grad and name != "gate"]
-    if not model.fused:
+    if not model.fused or not isinstance(model.gate, torch.nn.Parameter):  # gate_fit = "valid": g is not trained
         return [{"params": weights}]
     return [{"params": weights}, {"params": [model.gate], "lr": cfg.gate_lr or cfg.lr, "weight_decay": 0.0}]
 

@@ -96,3 +96,15 @@ def test_bad_extends_is_one_line_naming_the_file(tmp_path, files, start, message
     with pytest.raises(ConfigError, match=message) as error:
         load_config(tmp_path / start)
     assert "\n" not in str(error.value)
+
+
+def test_the_paper_example_is_the_papers_setup_whatever_the_defaults():
+    """examples/laser_paper.toml: CF tokens as prefix, no fusion, all LLM layers, the paper's M-Former and tau."""
+    from pathlib import Path
+
+    config = load_config(Path(__file__).resolve().parent.parent / "examples" / "laser_paper.toml")
+    assert (config.laser.prefix, config.laser.cf_position, config.laser.fusion) == ("mformer", "prefix", "none")
+    assert config.llm.num_layers == 0 and not config.laser.center
+    assert (config.mformer.num_experts, config.mformer.num_queries, config.mformer.hidden_size,
+            config.mformer.num_blocks) == (8, 32, 768, 12)
+    assert (config.laser.temperature, config.laser.stage1_epochs, config.laser.stage2_epochs) == (0.05, 15, 5)

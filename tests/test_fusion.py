@@ -1,4 +1,5 @@
-"""`laser.fusion = "gated"`: score = SASRec(u, i) + g * cos(laser_u, laser_i) / tau, with g trained from 0.
+"""`laser.fusion = "gated"`: score = SASRec(u, i) + g * cos(laser_u, laser_i) / tau, with g from 0: fitted on
+validation (`gate_fit = "valid"`, the default) or trained (`"train"`).
 
 It starts at SASRec's exact ranking, model selection keeps that start unless an epoch beats it, and the export
 scores it as one product of [SASRec state ; g / tau * laser_u] with [SASRec item ; laser_i], as evaluate does.
@@ -20,10 +21,11 @@ from laser_batch.encode import encode_items, encode_users, laser_inputs, laser_s
 from laser_batch.errors import ConfigError
 from laser_batch.evaluate import evaluate_run
 from laser_batch.metrics import exclude_items, top_k
-from laser_batch.train_laser import build_laser, train_laser
+from laser_batch.train_laser import build_laser, parameter_groups, train_laser
 from laser_batch.training import sasrec_scores
 
-GATED = {"fusion": "gated"}
+GATED = {"fusion": "gated", "gate_fit": "train"}  # g trained by gradient on the fused loss
+FITTED = {"fusion": "gated"}  # gate_fit = "valid" (the default): g chosen on validation after every epoch
 
 
 def _metrics_lines(run):
@@ -256,3 +258,56 @@ def test_the_gate_has_its_own_learning_rate_and_no_weight_decay(sasrec_run, llm)
     assert len(parameter_groups(plain, plain.config)) == 1
     with pytest.raises(ConfigError, match="laser.gate_lr"):
         small_config(laser={"gate_lr": -1.0})
+
+
+def test_a_validation_fitted_gate_is_not_trained_and_laser_learns_on_its_own_loss(sasrec_run, llm):
+    config = small_config(laser=FITTED)
+    assert config.laser.gate_fit == "valid"
+    model, inputs, sequences = build_laser(config, sasrec_run, llm)
+    assert "gate" not in dict(model.named_parameters()) and "gate" in model.trainable_state_dict()
+    assert parameter_groups(model, config.laser) == [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    plain, _, _ = build_laser(small_config(), sasrec_run, llm)
+    plain.load_state_dict({k: v for k, v in model.trainable_state_dict().items() if k != "gate"}, strict=False)
+    model.eval(), plain.eval()
+    _set_gate(model, 0.5)
+    items = encode_items(model, inputs, sequences.num_items, batch_size=32)
+    histories, targets = sequences.split("valid")
+    batch = inputs.users(histories)
+    users, lb = model(*batch)
+    loss = model.loss(users, items, torch.from_numpy(targets), lb)  # no id_history needed: Laser's own logits
+    expected = F.cross_entropy(users @ items.T / model.config.temperature, torch.from_numpy(targets) - 1)
+    torch.testing.assert_close(loss, expected + model.config.lb_weight * lb)
+    with pytest.raises(ConfigError, match="laser.gate_fit = 'test' is invalid: expected one of valid, train"):
+        small_config(laser={"gate_fit": "test"})
+
+
+def test_the_fitted_gate_is_the_grid_value_that_ranks_validation_best(sasrec_run, llm, tmp_path):
+    from laser_batch.laser_state import GATE_GRID
+    from laser_batch.metrics import metrics_from_ranks, rank_targets
+
+    run = _copy_run(sasrec_run, tmp_path)
+    config = small_config(laser={**FITTED, "stage1_epochs": 2, "lr": 0.02})
+    result = train_laser(run, config, llm=llm)
+    lines = _metrics_lines(run)
+    assert [(r["stage"], r["epoch"]) for r in lines] == [(1, 0), (1, 1), (1, 2), (2, 1)]
+    assert all(r["gate"] in GATE_GRID and "laser_alone_NDCG@10" in r for r in lines)
+    sasrec_valid = evaluate_run(run, model="sasrec", split="valid")["metrics"]["NDCG@10"]
+    assert all(r["NDCG@10"] >= sasrec_valid for r in lines)  # g = 0 is on the grid: never below SASRec
+
+    # Recomputed independently for the saved checkpoint: every grid value's validation NDCG@10 through the
+    # ordinary fused scorer; the saved g is the first of the best, and its metrics are the best line's.
+    model, items, saved = load_laser(run, llm=llm)
+    _, inputs, sequences = build_laser(config, run, llm)
+    histories, targets = sequences.split("valid")
+    by_gate = []
+    for g in GATE_GRID:
+        _set_gate(model, g)
+        scorer = laser_scorer(model, inputs, items, batch_size=8)
+        by_gate.append(metrics_from_ranks(rank_targets(scorer, histories, targets))["NDCG@10"])
+    chosen = GATE_GRID.index(saved["gate"])
+    assert by_gate[chosen] == pytest.approx(max(by_gate), abs=1e-9)
+    assert all(v < by_gate[chosen] - 1e-12 for v in by_gate[:chosen])
+    best = next(r for r in lines if (r["stage"], r["epoch"]) == (result.best_stage, result.best_epoch))
+    assert best["gate"] == saved["gate"] == result.gate
+    assert best["NDCG@10"] == pytest.approx(by_gate[chosen], abs=1e-9)
+    assert evaluate_run(run, model="laser", split="valid")["metrics"]["NDCG@10"] == pytest.approx(by_gate[chosen])
