@@ -22,7 +22,7 @@ import torch
 
 from laser_batch.checkpoint import read_run_info
 from laser_batch.contracts import load_data_dir
-from laser_batch.evaluate import _scorer  # the scorer `laser-batch evaluate` uses, for targets it has no split for
+from laser_batch.evaluate import run_scorer  # the scorer `laser-batch evaluate` uses, for targets it has no split for
 from laser_batch.metrics import metrics_from_ranks, rank_targets
 from laser_batch.sequences import build_sequences, evenly_spread
 
@@ -64,7 +64,7 @@ def main() -> None:
     cases = targets(seqs, users, np.random.default_rng(0))
 
     # histories only matter to the popularity scorer
-    scorers = {model: _scorer(model, args.run, sequences, [], dataset.items) for model in ("laser", "sasrec")}
+    scorers = {model: run_scorer(model, args.run, sequences, [], dataset.items) for model in ("laser", "sasrec")}
     started = time.perf_counter()
     results = {model: {name: {k: v for k, v in metrics_from_ranks(rank_targets(score, h, t, batch_size=64)).items()
                               if k in METRICS} for name, (h, t) in cases.items()}
