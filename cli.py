@@ -280,6 +280,11 @@ class Engine(str, Enum):
     ray = "ray"
 
 
+class Backfill(str, Enum):
+    none = "none"
+    popular = "popular"
+
+
 @app.command()
 def score(
     users: Annotated[str, typer.Argument(help="Parquet file, or directory of Parquet files, of users: user_id + "
@@ -312,6 +317,22 @@ def score(
     workers: Annotated[int, typer.Option("--workers", help="Ray: scorer actors (0: one per GPU or CPU).")] = 0,
     gpus_per_worker: Annotated[float | None, typer.Option(
         "--gpus-per-worker", help="Ray: GPUs per actor (default 1 when the cluster has GPUs).")] = None,
+    allow_items: Annotated[str | None, typer.Option(
+        "--allow-items", help="Recommend only these items: Parquet with item_id, or text with one id per line.",
+        rich_help_panel="Filters")] = None,
+    deny_items: Annotated[str | None, typer.Option(
+        "--deny-items", help="Never recommend these items (same formats as --allow-items).",
+        rich_help_panel="Filters")] = None,
+    item_filter: Annotated[str | None, typer.Option(
+        "--item-filter", help="SQL WHERE clause over the artefacts' items.parquet columns (Polars SQL), e.g. "
+        "\"category LIKE '%Lab%' AND brand <> 'X'\".", rich_help_panel="Filters")] = None,
+    exclude: Annotated[str | None, typer.Option(
+        "--exclude", help="Parquet of user_id, item_id pairs never to recommend (e.g. last night's output).",
+        rich_help_panel="Filters")] = None,
+    backfill: Annotated[Backfill, typer.Option(
+        "--backfill", help="popular: fill users left short of K by their candidates or exclusions with the most "
+        "popular eligible items (output column source = model | backfill).", rich_help_panel="Filters")
+    ] = Backfill.none,
 ) -> None:
     """The nightly batch job on ONNX Runtime (torch-free): top-K recommendations for every user."""
     with _errors():
@@ -329,7 +350,9 @@ def score(
         summary = score_users(users, model, out, interactions=interactions, top_k=top_k, batch_size=batch_size,
                               max_batch_tokens=max_batch_tokens, device=device.value, threads=threads,
                               include_history=include_history, variant=variant, chunk_size=chunk_size, resume=resume,
-                              overwrite=overwrite, expect_manifest_sha256=expect_manifest_sha256)
+                              overwrite=overwrite, expect_manifest_sha256=expect_manifest_sha256,
+                              allow_items=allow_items, deny_items=deny_items, item_filter=item_filter, exclude=exclude,
+                              backfill=backfill.value)
     rejected = sum(summary["users_rejected"].values())
     typer.echo(f"{out}: {summary['users_scored']} users scored, {rejected} rejected, "
                f"{summary['users_per_second']} users/s on {summary['provider']}")

@@ -8,8 +8,10 @@ An artefact directory (written by `laser-batch export`) holds:
 - `item_matrix.npy` (N, D): row j scores internal item j + 1 (Laser: L2-normalised, cosine; SASRec: dot; Laser with
   `fusion = "gated"`: [SASRec item embedding ; Laser item embedding], dot with the user vector
   [SASRec user state ; g / tau * Laser user embedding], g and tau from the manifest's settings);
-- `item_ids.parquet`: the original item id of each row; for Laser `items.parquet` (the item text columns in
-  row order) and `tokenizer.json`.
+- `item_ids.parquet`: the original item id of each row (`index` = row + 1) and `train_interactions`, its interaction
+  count in the training split (`score --backfill popular`; artefacts exported before it lack the column); for Laser
+  `items.parquet` (the item text columns in row order) and `tokenizer.json`, and with an M-Former
+  `item_id_vectors.npy` (N, d_id), each item's M-Former input as an item (`laser-batch items add`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ ITEM_MATRIX = "item_matrix.npy"
 ITEM_IDS = "item_ids.parquet"
 ITEMS_TEXT = "items.parquet"
 TOKENIZER = "tokenizer.json"
+ITEM_ID_VECTORS = "item_id_vectors.npy"
+TRAIN_COUNTS = "train_interactions"  # the item_ids.parquet column of training interaction counts
 
 
 def file_record(directory: Path, name: str) -> dict:
