@@ -285,6 +285,16 @@ class Backfill(str, Enum):
     popular = "popular"
 
 
+class ScoreKind(str, Enum):
+    cosine = "cosine"
+    prob = "prob"
+
+
+class Layout(str, Enum):
+    long = "long"
+    list = "list"
+
+
 @app.command()
 def score(
     users: Annotated[str, typer.Argument(help="Parquet file, or directory of Parquet files, of users: user_id + "
@@ -333,6 +343,19 @@ def score(
         "--backfill", help="popular: fill users left short of K by their candidates or exclusions with the most "
         "popular eligible items (output column source = model | backfill).", rich_help_panel="Filters")
     ] = Backfill.none,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Add because_item_id: the history item whose item embedding is closest to the "
+        "recommended item.", rich_help_panel="Output")] = False,
+    with_item_columns: Annotated[str | None, typer.Option(
+        "--with-item-columns", help="Join these items.parquet columns into the output, e.g. title,brand.",
+        rich_help_panel="Output")] = None,
+    score_kind: Annotated[ScoreKind, typer.Option(
+        "--score", help="cosine: the score the model ranks by (dot for SASRec and the gated fusion); prob: the "
+        "softmax over the catalogue of the model's training logits, an estimate of next-item probability.",
+        rich_help_panel="Output")] = ScoreKind.cosine,
+    layout: Annotated[Layout, typer.Option(
+        "--layout", help="long: one row per (user, rank); list: one row per user with item_ids and scores as "
+        "lists.", rich_help_panel="Output")] = Layout.long,
 ) -> None:
     """The nightly batch job on ONNX Runtime (torch-free): top-K recommendations for every user."""
     with _errors():
@@ -352,18 +375,23 @@ def score(
                               include_history=include_history, variant=variant, chunk_size=chunk_size, resume=resume,
                               overwrite=overwrite, expect_manifest_sha256=expect_manifest_sha256,
                               allow_items=allow_items, deny_items=deny_items, item_filter=item_filter, exclude=exclude,
-                              backfill=backfill.value)
+                              backfill=backfill.value, explain=explain, with_item_columns=with_item_columns or (),
+                              score=score_kind.value, layout=layout.value)
     rejected = sum(summary["users_rejected"].values())
     typer.echo(f"{out}: {summary['users_scored']} users scored, {rejected} rejected, "
                f"{summary['users_per_second']} users/s on {summary['provider']}")
     if show:
-        _show(Path(out), Path(model), show)
+        _show(Path(out), Path(model), show, layout.value)
 
 
-def _show(out: Path, model: Path, users: int) -> None:
+def _show(out: Path, model: Path, users: int, layout: str = "long") -> None:
     import polars as pl
 
-    recs = pl.read_parquet(out / "part-00000.parquet").filter(pl.col("rank") <= 5)
+    recs = pl.read_parquet(out / "part-00000.parquet")
+    if layout == "list":  # one row per user: back to one row per item
+        recs = recs.select("user_id", item_id="item_ids", score="scores").explode("item_id", "score").with_columns(
+            rank=pl.int_range(1, pl.len() + 1).over("user_id"))
+    recs = recs.filter(pl.col("rank") <= 5)
     titles = model / "items.parquet"  # Laser artefacts carry the item texts; SASRec-only ones do not
     if titles.exists():
         recs = recs.join(pl.read_parquet(titles).select("item_id", "title"), on="item_id", how="left",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow.fs as pafs
 
-from laser_batch import filters
+from laser_batch import filters, output
 from laser_batch.errors import InputError
 from laser_batch.files import atomic_write
 
@@ -65,6 +65,7 @@ class JobOptions:
         resume: finish an interrupted job in OUT (its job file must match); overwrite: replace OUT's contents.
         expect_manifest_sha256: refuse artefacts whose manifest.json has another sha256, before any user is read.
         allow_items, deny_items, item_filter, exclude, backfill: business filters (`laser_batch.filters`).
+        explain, with_item_columns, score, layout: what the output holds and how (`laser_batch.output`).
     """
 
     top_k: int = 20
@@ -85,6 +86,10 @@ class JobOptions:
     item_filter: str | None = None
     exclude: str | None = None
     backfill: str = "none"
+    explain: bool = False
+    with_item_columns: str | tuple[str, ...] = ()
+    score: str = "cosine"
+    layout: str = "long"
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -97,6 +102,15 @@ class JobOptions:
                              "ARTIFACTS/manifest.json)")
         if self.backfill not in filters.BACKFILLS:
             raise InputError(f"--backfill {self.backfill}: expected one of {', '.join(filters.BACKFILLS)}")
+        if self.score not in output.SCORES:
+            raise InputError(f"--score {self.score}: expected one of {', '.join(output.SCORES)}")
+        if self.layout not in output.LAYOUTS:
+            raise InputError(f"--layout {self.layout}: expected one of {', '.join(output.LAYOUTS)}")
+
+    def output_options(self, artifacts) -> output.OutputOptions:
+        """The output options checked against ARTIFACTS (before any model work)."""
+        return output.prepare(artifacts, explain=self.explain, with_item_columns=self.with_item_columns,
+                              score=self.score, layout=self.layout)
 
     def item_filters(self, artifacts) -> filters.ItemFilters:
         """The filter options read and checked against ARTIFACTS' catalogue (before any model work)."""
@@ -113,7 +127,8 @@ class JobOptions:
         """The job file: the engine's description of its input, then what both engines' results depend on."""
         return {**input_description, "interactions": self.interactions, "manifest_sha256": manifest_sha256,
                 "top_k": self.top_k, "include_history": self.include_history, "variant": self.variant,
-                "chunk_size": self.chunk_size, "filters": filters.options_record(self)}
+                "chunk_size": self.chunk_size, "filters": filters.options_record(self),
+                "output": output.options_record(self)}
 
 
 def check_out(fs, root: str, shown: str, *, resume: bool, overwrite: bool) -> None:

@@ -192,6 +192,7 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
                                 interactions=opts.interactions, listed=(in_fs, files))
     prepared = opts.item_filters(model)  # read and checked here, once; the actors get the result
     prepared.check_input(schema, users)
+    output = opts.output_options(model)
     columns = ["user_id", "history", *([CANDIDATES] if CANDIDATES in schema and not opts.interactions else [])]
     if opts.interactions:  # grouped into users below, once OUT is prepared
         rows, dups = row_count(in_fs, files), pl.DataFrame()
@@ -216,7 +217,7 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
         workers = (max(1, int(resources.get("GPU", 0) // gpus_per_worker)) if gpus_per_worker
                    else max(1, int(resources.get("CPU", 1) // cpus) - 1))
     options = {**opts.recommender(), "threads": threads or cpus, "device": "cuda" if gpus_per_worker else "cpu",
-               "filters": prepared}
+               "filters": prepared, "output": output}
     attempt = f"{STAGING}/{uuid.uuid4().hex[:12]}"
     staging = f"{root}/{attempt}"  # on out_fs; the actors open it from its location
     out_fs.create_dir(staging)

@@ -38,6 +38,7 @@ from laser_batch.files import atomic_write
 from laser_batch.filters import ItemFilters
 from laser_batch.inputs import check_users_schema, filesystem, group_interactions, input_files
 from laser_batch.job import DEFAULT_MAX_BATCH_TOKENS, JobOptions
+from laser_batch.output import BECAUSE, OutputOptions
 from laser_batch.sequences import length_batches
 
 logger = logging.getLogger(__name__)
@@ -64,12 +65,14 @@ class Recommender:
         io_binding: run the graphs with ONNX Runtime I/O binding (the M-Former's prefix stays on the device for
             the user encoder); None: on with CUDA, off on the CPU, where it gives the same numbers.
         filters: business filters and backfill (`laser_batch.filters.prepare`); None: none.
+        output: explanations, item columns, score scale and layout (`laser_batch.output.prepare`); None: the plain
+            long output.
     """
 
     def __init__(self, artifacts: Path, *, top_k: int = 20, batch_size: int = 64,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, device: str = "auto", threads: int = 0,
                  include_history: bool = False, variant: str = "", io_binding: bool | None = None,
-                 filters: ItemFilters | None = None) -> None:
+                 filters: ItemFilters | None = None, output: OutputOptions | None = None) -> None:
         job.check_positive({"--top-k": top_k, "--batch-size": batch_size, "--max-batch-tokens": max_batch_tokens})
         self.artifacts = Path(artifacts)
         self.embedder = Embedder(self.artifacts, device=device, threads=threads, variant=variant,
@@ -84,6 +87,7 @@ class Recommender:
         self.providers = self.embedder.providers
         self.manifest_sha256 = manifest_sha256(self.artifacts)
         self.filters = filters if filters is not None else ItemFilters()
+        self.output = output if output is not None else OutputOptions()
 
     @property
     def item_id_dtype(self) -> pl.DataType:
@@ -99,8 +103,8 @@ class Recommender:
             seen: the user ids met before this batch (their rows are duplicates).
 
         Returns:
-            (recommendations: user_id, rank, item_id, score (+ source with backfill); rejects: user_id, reason;
-            stats dict).
+            (recommendations: user_id, rank, item_id, score (+ source with backfill, because_item_id, item columns;
+            or one row per user with `layout = "list"`); rejects: user_id, reason; stats dict).
         """
         stats: Counter = Counter(users_in=users.height)
         users = users.with_row_index("_row")
@@ -133,6 +137,7 @@ class Recommender:
         eligible = filled[:, 0]
         reason[rows[~eligible]] = "no eligible items"
         rows, top, scores, filled, backfilled = (a[eligible] for a in (rows, top, scores, filled, backfilled))
+        histories = [h for h, ok in zip(histories, eligible, strict=True) if ok]
 
         rejected = reason != ""
         rejects = pl.DataFrame({"user_id": users["user_id"].filter(pl.Series(rejected)),
@@ -145,21 +150,27 @@ class Recommender:
         if self.filters.backfill:
             stats["backfilled_users"] = int(backfilled.any(1).sum())
             stats["backfill_items"] = int(backfilled.sum())
-        if not len(rows):
-            return self._empty(users.schema["user_id"]), rejects, dict(stats)
+        return self._frame(users["user_id"], rows, top, scores, filled, backfilled, histories), rejects, dict(stats)
+
+    def _frame(self, user_ids: pl.Series, rows: np.ndarray, top: np.ndarray, scores: np.ndarray, filled: np.ndarray,
+               backfilled: np.ndarray, histories: list[np.ndarray]) -> pl.DataFrame:
+        """The recommendations of the scored users `rows` (the batch's rows): one row per filled slot, best first."""
         k = top.shape[1]
         valid = filled.reshape(-1)  # fewer eligible items than k: the user gets all of them
-        user_index = np.repeat(rows, k)[valid]
+        columns = top.reshape(-1)[valid]
         recs = pl.DataFrame({
-            "user_id": users["user_id"].gather(user_index),
+            "user_id": user_ids.gather(np.repeat(rows, k)[valid]),
             "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(rows))[valid],
-            "item_id": self.item_ids.gather(top.reshape(-1)[valid]),
+            "item_id": self.item_ids.gather(columns),
             "score": scores.reshape(-1)[valid].astype(np.float32),
         })
         if self.filters.backfill:
             recs = recs.with_columns(pl.Series(item_filters.SOURCE, np.where(backfilled.reshape(-1)[valid], "backfill",
-                                                                             "model")))
-        return recs, rejects, dict(stats)
+                                                                             "model"), dtype=pl.String))
+        if self.output.explain:
+            because = self.output.because(top, filled, histories, self.item_matrix).reshape(-1)[valid]
+            recs = recs.with_columns(self.item_ids.gather(because).alias(BECAUSE))
+        return self.output.finish(recs, columns)
 
     def _reasons(self, users: pl.DataFrame, seen: SeenUsers | None) -> np.ndarray:
         """Per row: "" (fine so far), "null user_id" or "duplicate user" (the first occurrence is kept)."""
@@ -194,6 +205,7 @@ class Recommender:
             stats["padded_tokens"] += int(mask.size)
             users = self.embedder.run(feeds)  # (b, D)
             scores = users @ self.item_matrix.T  # (b, N)
+            normaliser = self.output.log_normaliser(scores)  # --score prob: over the whole catalogue, unfiltered
             if not self.include_history:
                 metrics.exclude_items(scores, hist)
             self.filters.mask(scores, batch, restrictions)  # every filter is a mask before the top K
@@ -206,14 +218,9 @@ class Recommender:
                 chosen_scores[rows, slots] = np.einsum("id,id->i", users[rows], self.item_matrix[chosen[rows, slots]])
                 present |= added
                 backfilled[batch] = added
-            top[batch], best[batch], filled[batch] = chosen, chosen_scores, present
+            top[batch], filled[batch] = chosen, present
+            best[batch] = self.output.finish_scores(chosen_scores, normaliser)
         return top, best, filled, backfilled
-
-    def _empty(self, user_dtype: pl.DataType) -> pl.DataFrame:
-        schema = {"user_id": user_dtype, "rank": pl.Int32, "item_id": self.item_id_dtype, "score": pl.Float32}
-        if self.filters.backfill:
-            schema[item_filters.SOURCE] = pl.String
-        return pl.DataFrame(schema=schema)
 
 
 def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Callable[[int, int], None] | None = None,
@@ -235,7 +242,8 @@ def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Calla
     schema = check_users_schema(users_path, interactions=opts.interactions)
     prepared = opts.item_filters(Path(artifacts))
     prepared.check_input(schema, users_path)
-    recommender = Recommender(artifacts, **opts.recommender(), filters=prepared)
+    output = opts.output_options(Path(artifacts))
+    recommender = Recommender(artifacts, **opts.recommender(), filters=prepared, output=output)
     check_users_schema(users_path, recommender.item_id_dtype, interactions=opts.interactions)
     files = input_files(users_path)
     record = opts.record({"input": str(users_path.resolve()), "input_files": [

@@ -247,3 +247,20 @@ def test_ray_output_equals_the_local_engine_with_every_filter_on(artifacts, ray_
         assert ray[key] == local[key], key
     assert local["backfill_items"] > 0 and local["unknown_candidates_dropped"] > 0
     assert local["users_rejected"]["duplicate user"] == 2
+
+
+def test_ray_output_equals_the_local_engine_with_every_output_option(artifacts, users_dir, ray_cluster,  # noqa: F811
+                                                                     tmp_path):
+    from laser_batch.ray_engine import score_ray
+
+    options = {"top_k": 5, "chunk_size": 16, "explain": True, "with_item_columns": "title,category",
+               "score": "prob", "layout": "list"}
+    local = score_users(users_dir / "all.parquet", artifacts / "laser_art", tmp_path / "local", **options)
+    ray = score_ray(str(users_dir / "dir"), str(artifacts / "laser_art"), str(tmp_path / "ray"), workers=1, **options)
+    mine, theirs = (pl.concat([pl.read_parquet(p) for p in sorted((tmp_path / out).glob("part-*.parquet"))])
+                    .sort("user_id") for out in ("ray", "local"))
+    assert mine.columns == ["user_id", "item_ids", "scores", "because_item_id", "title", "category"]
+    assert mine.drop("scores").equals(theirs.drop("scores"))
+    np.testing.assert_allclose(mine["scores"].explode().to_numpy(), theirs["scores"].explode().to_numpy(),
+                               rtol=1e-4, atol=1e-7)
+    assert ray["users_scored"] == local["users_scored"] == mine.height
