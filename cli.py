@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Convert public datasets into the Parquet data contract.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+items_app = typer.Typer(help="Change the catalogue of exported artefacts without retraining.", no_args_is_help=True)
+app.add_typer(items_app, name="items")
 
 _state = {"debug": False}
 logger = logging.getLogger("laser_batch")
@@ -267,6 +269,45 @@ def export(
     for scheme, v in manifest["graphs"].get("user_encoder", {}).get("variants", {}).items():
         typer.echo(f"  {scheme:<20} top-10 same as fp32 {v['top10_vs_fp32']['same_set']:.1%}, "
                    f"Recall@10 change {v['recall@10_change']:+.4f}, {v['speedup_vs_fp32']:.2f}x fp32 speed")
+
+
+class IdVector(str, Enum):
+    mean = "mean"
+    zeros = "zeros"
+
+
+class Align(str, Enum):
+    linear = "linear"
+    none = "none"
+
+
+@items_app.command("add")
+def items_add(
+    artifacts: Annotated[Path, typer.Argument(help="Laser artefacts written by `export` (or an earlier `items add`).")],
+    new_items: Annotated[Path, typer.Argument(help="Parquet of the new items: item_id, title and the text columns "
+                                              "of the artefacts' items.parquet.")],
+    out: Annotated[Path, typer.Option("--out", help="The new artefact directory to write (ARTIFACTS is kept).")],
+    id_vector: Annotated[IdVector, typer.Option(
+        "--id-vector", help="A new item's fallback ID vector (it has no SASRec row): mean (of the catalogue's) or "
+        "zeros.")] = IdVector.mean,
+    align: Annotated[Align, typer.Option(
+        "--align", help="linear: map the graphs' encodings into the item matrix's space by an affine map fitted on "
+        "re-encoded catalogue items (kept only if it beats none on held-out ones); none.")] = Align.linear,
+    align_items: Annotated[int, typer.Option("--align-items", help="Catalogue items re-encoded to fit --align "
+                                             "linear.")] = 2048,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Items per graph run.")] = 32,
+    threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads (0: its default).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
+) -> None:
+    """Add new items to exported artefacts: encoded from their text by the exported graphs, torch-free."""
+    with _errors():
+        from laser_batch.items_add import add_items
+
+        manifest = add_items(artifacts, new_items, out, id_vector=id_vector.value, align=align.value,
+                             align_items=align_items, overwrite=overwrite, batch_size=batch_size, threads=threads)
+    added = manifest["items_added"][-1]
+    typer.echo(f"{out}: {added['items']} items added ({manifest['settings']['num_items']} in all), ID vector "
+               f"{added['id_vector']}; parent manifest {added['parent_manifest_sha256'][:12]}")
 
 
 class Device(str, Enum):
