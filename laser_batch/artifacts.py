@@ -229,6 +229,8 @@ class Embedder:
         self.max_len = manifest["settings"]["sasrec_max_len"]
         self.mformer = self.user_encoder = self.text = None
         self.gate_scale: float | None = None  # g / tau of a gated fusion
+        # Items added after training (`laser-batch items add`) have internal ids above SASRec's table: no ID.
+        self.id_items: int | None = manifest["settings"].get("sasrec_num_items")
         if self.kind == "laser":
             import polars as pl
             import tokenizers
@@ -287,8 +289,11 @@ class Embedder:
         """
         from laser_batch.sequences import pad_left
 
-        width = min(self.max_len, max(len(h) for h in histories))
-        item_ids = pad_left(list(histories), width)
+        id_histories = list(histories)
+        if self.id_items is not None:  # added items are read as text only: the ID path skips them
+            id_histories = [h[h <= self.id_items] for h in id_histories]
+        width = min(self.max_len, max(1, max(len(h) for h in id_histories)))
+        item_ids = pad_left(id_histories, width)
         if self.kind == "sasrec":
             return Feeds(item_ids=item_ids)
         feeds = Feeds()
@@ -298,6 +303,7 @@ class Embedder:
             feeds.sasrec_state = vectors[:, -1] if self.gate_scale is not None else None
         if self.takes_prefix:
             mask = (item_ids[:, -self.id_window:] != 0).astype(np.int64)
+            mask[:, -1] |= mask.sum(1) == 0  # only added items: the M-Former reads one zero vector (no ID)
             feeds["prefix"] = self._run(self.mformer, {"id_vectors": vectors[:, -self.id_window:], "id_mask": mask},
                                         "prefix", keep=True)
         feeds["input_ids"], feeds["attention_mask"] = self.text.encode_users(histories)

@@ -159,7 +159,8 @@ def add_items(artifacts: Path, new_items: Path, out: Path, *, id_vector: str = "
         pl.concat([catalogue, appended]).write_parquet(partial / ITEM_IDS)
         pl.concat([items_text, new.select(items_text.columns)]).write_parquet(partial / ITEMS_TEXT)
         record["seconds"] = round(time.perf_counter() - started, 2)
-        child = {**manifest, "settings": {**settings, "num_items": catalogue.height + new.height},
+        child = {**manifest, "settings": {**settings, "num_items": catalogue.height + new.height,
+                                          "sasrec_num_items": settings.get("sasrec_num_items", catalogue.height)},
                  "parent_manifest_sha256": record["parent_manifest_sha256"],
                  "items_added": [*manifest.get("items_added", []), record]}
         write_manifest(partial, child)

@@ -260,3 +260,27 @@ def test_cli_items_add_then_score_and_a_second_addition_chains_the_manifests(art
     assert summary["users_scored"] == 5 and {5000, 5001, 6000} <= set(recs["item_id"])
     assert recs.filter(pl.col("item_id") == 6000)["title"].unique().to_list() == [
         pl.read_parquet(art / "items.parquet")["title"][11]]
+
+
+@pytest.mark.parametrize("variant", ["laser_art", "fused"])
+def test_users_who_met_added_items_are_scored_with_them_as_text_only(artifacts, fused_art, tmp_path, variant):  # noqa: F811
+    art = artifacts / "laser_art" if variant == "laser_art" else fused_art
+    add_items(art, _write(_new_items(art, [2, 6]), tmp_path / "new.parquet"), tmp_path / "out")
+    embedder = Embedder(tmp_path / "out")
+    with_new, without, only_new = np.array([3, 41, 7]), np.array([3, 7]), np.array([42, 41])
+    feeds = embedder.feeds([with_new, only_new])
+    reference = embedder.feeds([without, np.array([5])])
+    if "prefix" in feeds:  # the ID path skips the added items (they have no SASRec row): as if they were not there
+        np.testing.assert_allclose(feeds["prefix"][0], reference["prefix"][0], atol=1e-6)
+    if feeds.sasrec_state is not None:
+        np.testing.assert_allclose(feeds.sasrec_state[0], reference.sasrec_state[0], atol=1e-6)
+        assert not feeds.sasrec_state[1].any()  # only added items: no SASRec state
+    text = embedder.text.encode_users([with_new])[0][0]
+    assert np.array_equal(feeds["input_ids"][0][feeds["attention_mask"][0] == 1], text)  # the text reads them all
+    vectors = embedder.run(feeds)
+    assert np.isfinite(vectors).all()
+    users = pl.DataFrame({"user_id": [1, 2], "history": [[4, 5000, 8], [5001]]})
+    recs, rejects, _ = Recommender(tmp_path / "out", top_k=5).recommend(users)
+    assert rejects.height == 0 and recs.group_by("user_id").len()["len"].to_list() == [5, 5]
+    for user_id, history in users.iter_rows():  # each user's history excluded, added items included
+        assert not set(history) & set(recs.filter(pl.col("user_id") == user_id)["item_id"])

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import polars as pl
 import pytest
+from test_items_add import fused_art  # noqa: F401 (a gated-fusion export of the same run)
 from test_score import _recs, _users, _write, artifacts  # noqa: F401 (the tiny Laser artefacts, built once)
 from typer.testing import CliRunner
 
@@ -159,3 +160,29 @@ def test_item_columns_need_laser_artefacts(artifacts, tmp_path):  # noqa: F811
     with pytest.raises(InputError, match="has no items.parquet \\(SASRec-only artefacts carry no item columns\\)"):
         score_users(_write(_users(artifacts, 2), tmp_path / "u.parquet"), artifacts / "sasrec_art", tmp_path / "o",
                     with_item_columns="title")
+
+
+def test_prob_of_a_gated_fusion_is_the_softmax_of_sasrec_dot_plus_g_cos_over_tau(fused_art, artifacts,  # noqa: F811
+                                                                                 tmp_path):
+    art = tmp_path / "fused"
+    shutil.copytree(fused_art, art)
+    manifest = json.loads((art / MANIFEST).read_text())
+    manifest["settings"]["gate"] = 0.5  # a gate away from 0, so that the Laser term counts
+    (art / MANIFEST).write_text(json.dumps(manifest))
+    g, tau = 0.5, manifest["settings"]["temperature"]
+    users = _users(artifacts, 6)
+    score_users(_write(users, tmp_path / "users.parquet"), art, tmp_path / "prob", top_k=5, score="prob")
+    prob = _recs(tmp_path / "prob")
+    ids, index = _index(art)
+    matrix = np.load(art / "item_matrix.npy").astype(np.float64)
+    embedder = Embedder(art)
+    d_llm = embedder.user_encoder.get_outputs()[0].shape[-1]
+    sasrec_items, laser_items = matrix[:, :-d_llm], matrix[:, -d_llm:]
+    for user_id, history in users.iter_rows():
+        feeds = embedder.feeds([np.array([index[i] + 1 for i in history])])
+        laser_u = embedder._run(embedder.user_encoder, feeds, "embedding")[0]
+        logits = feeds.sasrec_state[0] @ sasrec_items.T + g * (laser_u @ laser_items.T) / tau
+        softmax = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        mine = prob.filter(pl.col("user_id") == user_id)
+        np.testing.assert_allclose(mine["score"].to_numpy(), softmax[[index[i] for i in mine["item_id"]]],
+                                   rtol=2e-4, atol=1e-7)
