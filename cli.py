@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Convert public datasets into the Parquet data contract.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+items_app = typer.Typer(help="Change the catalogue of exported artefacts without retraining.", no_args_is_help=True)
+app.add_typer(items_app, name="items")
 
 _state = {"debug": False}
 logger = logging.getLogger("laser_batch")
@@ -269,6 +271,45 @@ def export(
                    f"Recall@10 change {v['recall@10_change']:+.4f}, {v['speedup_vs_fp32']:.2f}x fp32 speed")
 
 
+class IdVector(str, Enum):
+    mean = "mean"
+    zeros = "zeros"
+
+
+class Align(str, Enum):
+    linear = "linear"
+    none = "none"
+
+
+@items_app.command("add")
+def items_add(
+    artifacts: Annotated[Path, typer.Argument(help="Laser artefacts written by `export` (or an earlier `items add`).")],
+    new_items: Annotated[Path, typer.Argument(help="Parquet of the new items: item_id, title and the text columns "
+                                              "of the artefacts' items.parquet.")],
+    out: Annotated[Path, typer.Option("--out", help="The new artefact directory to write (ARTIFACTS is kept).")],
+    id_vector: Annotated[IdVector, typer.Option(
+        "--id-vector", help="A new item's fallback ID vector (it has no SASRec row): mean (of the catalogue's) or "
+        "zeros.")] = IdVector.mean,
+    align: Annotated[Align, typer.Option(
+        "--align", help="linear: map the graphs' encodings into the item matrix's space by an affine map fitted on "
+        "re-encoded catalogue items (kept only if it beats none on held-out ones); none.")] = Align.linear,
+    align_items: Annotated[int, typer.Option("--align-items", help="Catalogue items re-encoded to fit --align "
+                                             "linear.")] = 2048,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Items per graph run.")] = 32,
+    threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads (0: its default).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing OUT.")] = False,
+) -> None:
+    """Add new items to exported artefacts: encoded from their text by the exported graphs, torch-free."""
+    with _errors():
+        from laser_batch.items_add import add_items
+
+        manifest = add_items(artifacts, new_items, out, id_vector=id_vector.value, align=align.value,
+                             align_items=align_items, overwrite=overwrite, batch_size=batch_size, threads=threads)
+    added = manifest["items_added"][-1]
+    typer.echo(f"{out}: {added['items']} items added ({manifest['settings']['num_items']} in all), ID vector "
+               f"{added['id_vector']}; parent manifest {added['parent_manifest_sha256'][:12]}")
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -278,6 +319,21 @@ class Device(str, Enum):
 class Engine(str, Enum):
     local = "local"
     ray = "ray"
+
+
+class Backfill(str, Enum):
+    none = "none"
+    popular = "popular"
+
+
+class ScoreKind(str, Enum):
+    cosine = "cosine"
+    prob = "prob"
+
+
+class Layout(str, Enum):
+    long = "long"
+    list = "list"
 
 
 @app.command()
@@ -312,6 +368,35 @@ def score(
     workers: Annotated[int, typer.Option("--workers", help="Ray: scorer actors (0: one per GPU or CPU).")] = 0,
     gpus_per_worker: Annotated[float | None, typer.Option(
         "--gpus-per-worker", help="Ray: GPUs per actor (default 1 when the cluster has GPUs).")] = None,
+    allow_items: Annotated[str | None, typer.Option(
+        "--allow-items", help="Recommend only these items: Parquet with item_id, or text with one id per line.",
+        rich_help_panel="Filters")] = None,
+    deny_items: Annotated[str | None, typer.Option(
+        "--deny-items", help="Never recommend these items (same formats as --allow-items).",
+        rich_help_panel="Filters")] = None,
+    item_filter: Annotated[str | None, typer.Option(
+        "--item-filter", help="SQL WHERE clause over the artefacts' items.parquet columns (Polars SQL), e.g. "
+        "\"category LIKE '%Lab%' AND brand <> 'X'\".", rich_help_panel="Filters")] = None,
+    exclude: Annotated[str | None, typer.Option(
+        "--exclude", help="Parquet of user_id, item_id pairs never to recommend (e.g. last night's output).",
+        rich_help_panel="Filters")] = None,
+    backfill: Annotated[Backfill, typer.Option(
+        "--backfill", help="popular: fill users left short of K by their candidates or exclusions with the most "
+        "popular eligible items (output column source = model | backfill).", rich_help_panel="Filters")
+    ] = Backfill.none,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="Add because_item_id: the history item whose item embedding is closest to the "
+        "recommended item.", rich_help_panel="Output")] = False,
+    with_item_columns: Annotated[str | None, typer.Option(
+        "--with-item-columns", help="Join these items.parquet columns into the output, e.g. title,brand.",
+        rich_help_panel="Output")] = None,
+    score_kind: Annotated[ScoreKind, typer.Option(
+        "--score", help="cosine: the score the model ranks by (dot for SASRec and the gated fusion); prob: the "
+        "softmax over the catalogue of the model's training logits, an estimate of next-item probability.",
+        rich_help_panel="Output")] = ScoreKind.cosine,
+    layout: Annotated[Layout, typer.Option(
+        "--layout", help="long: one row per (user, rank); list: one row per user with item_ids and scores as "
+        "lists.", rich_help_panel="Output")] = Layout.long,
 ) -> None:
     """The nightly batch job on ONNX Runtime (torch-free): top-K recommendations for every user."""
     with _errors():
@@ -329,18 +414,25 @@ def score(
         summary = score_users(users, model, out, interactions=interactions, top_k=top_k, batch_size=batch_size,
                               max_batch_tokens=max_batch_tokens, device=device.value, threads=threads,
                               include_history=include_history, variant=variant, chunk_size=chunk_size, resume=resume,
-                              overwrite=overwrite, expect_manifest_sha256=expect_manifest_sha256)
+                              overwrite=overwrite, expect_manifest_sha256=expect_manifest_sha256,
+                              allow_items=allow_items, deny_items=deny_items, item_filter=item_filter, exclude=exclude,
+                              backfill=backfill.value, explain=explain, with_item_columns=with_item_columns or (),
+                              score=score_kind.value, layout=layout.value)
     rejected = sum(summary["users_rejected"].values())
     typer.echo(f"{out}: {summary['users_scored']} users scored, {rejected} rejected, "
                f"{summary['users_per_second']} users/s on {summary['provider']}")
     if show:
-        _show(Path(out), Path(model), show)
+        _show(Path(out), Path(model), show, layout.value)
 
 
-def _show(out: Path, model: Path, users: int) -> None:
+def _show(out: Path, model: Path, users: int, layout: str = "long") -> None:
     import polars as pl
 
-    recs = pl.read_parquet(out / "part-00000.parquet").filter(pl.col("rank") <= 5)
+    recs = pl.read_parquet(out / "part-00000.parquet")
+    if layout == "list":  # one row per user: back to one row per item
+        recs = recs.select("user_id", item_id="item_ids", score="scores").explode("item_id", "score").with_columns(
+            rank=pl.int_range(1, pl.len() + 1).over("user_id"))
+    recs = recs.filter(pl.col("rank") <= 5)
     titles = model / "items.parquet"  # Laser artefacts carry the item texts; SASRec-only ones do not
     if titles.exists():
         recs = recs.join(pl.read_parquet(titles).select("item_id", "title"), on="item_id", how="left",

@@ -21,7 +21,7 @@ import polars as pl
 import torch
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from laser_batch.artifacts import ITEM_IDS, ITEM_MATRIX, ITEMS_TEXT, TOKENIZER
+from laser_batch.artifacts import ITEM_ID_VECTORS, ITEM_IDS, ITEM_MATRIX, ITEMS_TEXT, TOKENIZER, TRAIN_COUNTS
 from laser_batch.checkpoint import LASER_DIR, SASREC_DIR, load_laser, load_sasrec, read_run_info
 from laser_batch.config import TextConfig
 from laser_batch.contracts import load_data_dir
@@ -131,11 +131,12 @@ def _export_sasrec(run_dir: Path, directory: Path, validate_users: int) -> tuple
     part = SASRecPart(sasrec, PartConfig(part="sasrec", num_items=sasrec.num_items, id_size=sasrec.config.hidden_size))
     graphs = {"sasrec": export_part("sasrec", part, SASRecOnnxConfig, directory)}
     np.save(directory / ITEM_MATRIX, sasrec.item_vectors().detach().float().numpy())
-    shutil.copyfile(run_dir / SASREC_DIR / ITEM_IDS, directory / ITEM_IDS)
-    manifest = new_manifest("sasrec", graphs, {"sasrec_max_len": sasrec.config.max_len, "score": "dot",
-                                               "num_items": sasrec.num_items, "checkpoint": ckpt.get("best_epoch")})
-    write_manifest(directory, manifest)
     _, sequences = _run_data(run_dir, required=False)
+    _write_item_ids(run_dir / SASREC_DIR / ITEM_IDS, directory / ITEM_IDS, sequences)
+    manifest = new_manifest("sasrec", graphs, {"sasrec_max_len": sasrec.config.max_len, "score": "dot",
+                                               "num_items": sasrec.num_items, "checkpoint": ckpt.get("best_epoch"),
+                                               "loss": sasrec.config.loss})
+    write_manifest(directory, manifest)
     if sequences is None:
         logger.warning("%s: the run's data directory is gone; no end-to-end check on held-out users", run_dir)
         return manifest, None
@@ -172,9 +173,11 @@ def _export_laser(
     if laser.fused:  # one product with the Embedder's [SASRec state ; g / tau * embedding] gives the fused score
         item_matrix = laser.fused_items(item_matrix)
     np.save(directory / ITEM_MATRIX, item_matrix.float().numpy())
-    shutil.copyfile(run_dir / LASER_DIR / ITEM_IDS, directory / ITEM_IDS)
+    if laser.config.prefix == "mformer":  # what `laser-batch items add` needs for a new item's fallback ID vector
+        np.save(directory / ITEM_ID_VECTORS, _item_id_vectors(laser))
     tokenizer.backend_tokenizer.save(str(directory / TOKENIZER))
     items, sequences = _run_data(run_dir, required=True)
+    _write_item_ids(run_dir / LASER_DIR / ITEM_IDS, directory / ITEM_IDS, sequences)
     text = dict(ckpt["text"])
     columns = text["text_columns"]
     if columns is None:
@@ -186,6 +189,7 @@ def _export_laser(
     settings = {
         "sasrec_max_len": sasrec.config.max_len, "id_window": laser.id_window,
         "score": "dot" if laser.fused else "cosine", **_fusion_settings(laser),
+        "temperature": laser.config.temperature, "item_id_vector": laser.config.item_id_vector,
         "num_items": sasrec.num_items, "text": text, "pad_id": tokenizer.pad_token_id,
         "prefix": laser.config.prefix, "pooling": laser.config.pooling, "center": laser.config.center,
         "center_users": laser.config.center_users,
@@ -210,6 +214,33 @@ def _export_laser(
             export_encoder=lambda model, where: export_part("user_encoder", UserEncoderPart(model, encoder.config),
                                                             UserEncoderOnnxConfig, where, inputs=inputs)))
     return manifest, held_out
+
+
+def _write_item_ids(source: Path, target: Path, sequences: Sequences | None) -> None:
+    """The run's item map (index, item_id) plus each item's interaction count in the training split (everything
+    before each user's validation target): `score --backfill popular` ranks by it. Without the data (a SASRec run
+    whose data directory is gone) or when the data's items are no longer the run's, the map is copied as it is."""
+    ids = pl.read_parquet(source).sort("index")
+    if sequences is None or not ids["item_id"].equals(sequences.item_ids):
+        logger.warning("%s: no training interaction counts (the run's data is gone or changed); score --backfill "
+                       "popular will refuse these artefacts", target.parent)
+        shutil.copyfile(source, target)
+        return
+    train = [s for s in sequences.train_sequences() if len(s)]
+    counts = np.bincount(np.concatenate(train), minlength=sequences.num_items + 1)[1:] if train else \
+        np.zeros(sequences.num_items, dtype=np.int64)
+    ids.with_columns(pl.Series(TRAIN_COUNTS, counts[ids["index"].to_numpy() - 1], dtype=pl.Int64)).write_parquet(target)
+
+
+@torch.no_grad()
+def _item_id_vectors(laser) -> np.ndarray:
+    """(N, d_id) each item's M-Former input as an item (`laser.item_id_vector`): its SASRec embedding row, or SASRec's
+    output for the one-item history. Row j = internal item j + 1."""
+    sasrec = laser.sasrec
+    ids = torch.arange(1, sasrec.num_items + 1)
+    if laser.config.item_id_vector == "embedding":
+        return sasrec.item_embedding(ids).float().numpy()
+    return torch.cat([sasrec(chunk[:, None])[:, -1] for chunk in ids.split(4096)]).float().numpy()
 
 
 def _fusion_settings(laser) -> dict:

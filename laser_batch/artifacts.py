@@ -8,8 +8,10 @@ An artefact directory (written by `laser-batch export`) holds:
 - `item_matrix.npy` (N, D): row j scores internal item j + 1 (Laser: L2-normalised, cosine; SASRec: dot; Laser with
   `fusion = "gated"`: [SASRec item embedding ; Laser item embedding], dot with the user vector
   [SASRec user state ; g / tau * Laser user embedding], g and tau from the manifest's settings);
-- `item_ids.parquet`: the original item id of each row; for Laser `items.parquet` (the item text columns in
-  row order) and `tokenizer.json`.
+- `item_ids.parquet`: the original item id of each row (`index` = row + 1) and `train_interactions`, its interaction
+  count in the training split (`score --backfill popular`; artefacts exported before it lack the column); for Laser
+  `items.parquet` (the item text columns in row order) and `tokenizer.json`, and with an M-Former
+  `item_id_vectors.npy` (N, d_id), each item's M-Former input as an item (`laser-batch items add`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ ITEM_MATRIX = "item_matrix.npy"
 ITEM_IDS = "item_ids.parquet"
 ITEMS_TEXT = "items.parquet"
 TOKENIZER = "tokenizer.json"
+ITEM_ID_VECTORS = "item_id_vectors.npy"
+TRAIN_COUNTS = "train_interactions"  # the item_ids.parquet column of training interaction counts
 
 
 def file_record(directory: Path, name: str) -> dict:
@@ -225,6 +229,8 @@ class Embedder:
         self.max_len = manifest["settings"]["sasrec_max_len"]
         self.mformer = self.user_encoder = self.text = None
         self.gate_scale: float | None = None  # g / tau of a gated fusion
+        # Items added after training (`laser-batch items add`) have internal ids above SASRec's table: no ID.
+        self.id_items: int | None = manifest["settings"].get("sasrec_num_items")
         if self.kind == "laser":
             import polars as pl
             import tokenizers
@@ -283,8 +289,11 @@ class Embedder:
         """
         from laser_batch.sequences import pad_left
 
-        width = min(self.max_len, max(len(h) for h in histories))
-        item_ids = pad_left(list(histories), width)
+        id_histories = list(histories)
+        if self.id_items is not None:  # added items are read as text only: the ID path skips them
+            id_histories = [h[h <= self.id_items] for h in id_histories]
+        width = min(self.max_len, max(1, max(len(h) for h in id_histories)))
+        item_ids = pad_left(id_histories, width)
         if self.kind == "sasrec":
             return Feeds(item_ids=item_ids)
         feeds = Feeds()
@@ -294,6 +303,7 @@ class Embedder:
             feeds.sasrec_state = vectors[:, -1] if self.gate_scale is not None else None
         if self.takes_prefix:
             mask = (item_ids[:, -self.id_window:] != 0).astype(np.int64)
+            mask[:, -1] |= mask.sum(1) == 0  # only added items: the M-Former reads one zero vector (no ID)
             feeds["prefix"] = self._run(self.mformer, {"id_vectors": vectors[:, -self.id_window:], "id_mask": mask},
                                         "prefix", keep=True)
         feeds["input_ids"], feeds["attention_mask"] = self.text.encode_users(histories)

@@ -9,6 +9,7 @@ the Parquet footers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -125,8 +126,8 @@ def row_count(fs, files: list[str]) -> int:
     return int(sum(pq.ParquetFile(path, filesystem=fs).metadata.num_rows for path in files))
 
 
-def duplicated_users(fs, files: list[str]) -> tuple[int, pl.DataFrame]:
-    """(input rows, rows of duplicated users: `_pos` (input order), user_id, history), from the user_id column.
+def duplicated_users(fs, files: list[str], *, columns: Sequence[str] = USERS_COLUMNS) -> tuple[int, pl.DataFrame]:
+    """(input rows, rows of duplicated users: `_pos` (input order) and `columns`), from the user_id column.
 
     A 64-bit hash per row finds the candidates (8 bytes per row in memory); the few candidate rows are read back in
     full and compared by their real ids (nulls are not duplicates).
@@ -151,7 +152,7 @@ def duplicated_users(fs, files: list[str]) -> tuple[int, pl.DataFrame]:
     for k, path in enumerate(files):
         local = candidates[(candidates >= offsets[k]) & (candidates < offsets[k + 1])] - offsets[k]
         if len(local):
-            table = pq.read_table(path, filesystem=fs, columns=["user_id", "history"]).take(local)
+            table = pq.read_table(path, filesystem=fs, columns=list(columns)).take(local)
             picked.append(pl.from_arrow(table).with_columns(_pos=pl.Series(local + offsets[k])))
     found = pl.concat(picked).filter(pl.col("user_id").is_not_null())
     return rows, found.filter(pl.col("user_id").is_duplicated()).sort("_pos")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow.fs as pafs
 
+from laser_batch import filters, output
 from laser_batch.errors import InputError
 from laser_batch.files import atomic_write
 
@@ -63,6 +64,8 @@ class JobOptions:
         chunk_size: users per part file (local: per chunk read and written; Ray: per batch).
         resume: finish an interrupted job in OUT (its job file must match); overwrite: replace OUT's contents.
         expect_manifest_sha256: refuse artefacts whose manifest.json has another sha256, before any user is read.
+        allow_items, deny_items, item_filter, exclude, backfill: business filters (`laser_batch.filters`).
+        explain, with_item_columns, score, layout: what the output holds and how (`laser_batch.output`).
     """
 
     top_k: int = 20
@@ -78,6 +81,15 @@ class JobOptions:
     resume: bool = False
     overwrite: bool = False
     expect_manifest_sha256: str | None = None
+    allow_items: str | None = None
+    deny_items: str | None = None
+    item_filter: str | None = None
+    exclude: str | None = None
+    backfill: str = "none"
+    explain: bool = False
+    with_item_columns: str | tuple[str, ...] = ()
+    score: str = "cosine"
+    layout: str = "long"
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -88,6 +100,22 @@ class JobOptions:
         if pinned is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", pinned):
             raise InputError(f"--expect-manifest-sha256 {pinned}: expected 64 hex digits (the sha256 of "
                              "ARTIFACTS/manifest.json)")
+        if self.backfill not in filters.BACKFILLS:
+            raise InputError(f"--backfill {self.backfill}: expected one of {', '.join(filters.BACKFILLS)}")
+        if self.score not in output.SCORES:
+            raise InputError(f"--score {self.score}: expected one of {', '.join(output.SCORES)}")
+        if self.layout not in output.LAYOUTS:
+            raise InputError(f"--layout {self.layout}: expected one of {', '.join(output.LAYOUTS)}")
+
+    def output_options(self, artifacts) -> output.OutputOptions:
+        """The output options checked against ARTIFACTS (before any model work)."""
+        return output.prepare(artifacts, explain=self.explain, with_item_columns=self.with_item_columns,
+                              score=self.score, layout=self.layout)
+
+    def item_filters(self, artifacts) -> filters.ItemFilters:
+        """The filter options read and checked against ARTIFACTS' catalogue (before any model work)."""
+        return filters.prepare(artifacts, allow_items=self.allow_items, deny_items=self.deny_items,
+                               item_filter=self.item_filter, exclude=self.exclude, backfill=self.backfill)
 
     def recommender(self) -> dict:
         """The keywords of `score.Recommender`."""
@@ -99,7 +127,8 @@ class JobOptions:
         """The job file: the engine's description of its input, then what both engines' results depend on."""
         return {**input_description, "interactions": self.interactions, "manifest_sha256": manifest_sha256,
                 "top_k": self.top_k, "include_history": self.include_history, "variant": self.variant,
-                "chunk_size": self.chunk_size}
+                "chunk_size": self.chunk_size, "filters": filters.options_record(self),
+                "output": output.options_record(self)}
 
 
 def check_out(fs, root: str, shown: str, *, resume: bool, overwrite: bool) -> None:
@@ -167,6 +196,7 @@ def summarize(totals: Counter, *, rows: int, chunks: int, seconds: float, provid
         "users_per_second": round(totals["scored"] / seconds, 2) if seconds else None,
         "tokens_per_second": round(totals["real_tokens"] / seconds, 1) if seconds else None,
         "padding_efficiency": round(totals["real_tokens"] / padded, 4),
+        **{name: totals[name] for name in filters.COUNTS},
         "provider": provider, "providers": providers, **info,
     }
 

@@ -41,6 +41,7 @@ from laser_batch.artifacts import ITEM_IDS, MANIFEST, check_manifest_sha256, loa
 from laser_batch.contracts import first_line
 from laser_batch.errors import EngineError, InputError, LaserBatchError
 from laser_batch.files import atomic_write
+from laser_batch.filters import CANDIDATES
 from laser_batch.inputs import (
     check_users_schema,
     duplicated_users,
@@ -187,12 +188,16 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
         check_manifest_sha256(model, opts.expect_manifest_sha256)
     load_manifest(model)  # a missing file or a failing checksum stops here, before Ray starts
     in_fs, files = list_input(users)
-    check_users_schema(users, pl.read_parquet_schema(model / ITEM_IDS)["item_id"], interactions=opts.interactions,
-                       listed=(in_fs, files))
+    schema = check_users_schema(users, pl.read_parquet_schema(model / ITEM_IDS)["item_id"],
+                                interactions=opts.interactions, listed=(in_fs, files))
+    prepared = opts.item_filters(model)  # read and checked here, once; the actors get the result
+    prepared.check_input(schema, users)
+    output = opts.output_options(model)
+    columns = ["user_id", "history", *([CANDIDATES] if CANDIDATES in schema and not opts.interactions else [])]
     if opts.interactions:  # grouped into users below, once OUT is prepared
         rows, dups = row_count(in_fs, files), pl.DataFrame()
     else:
-        rows, dups = duplicated_users(in_fs, files)
+        rows, dups = duplicated_users(in_fs, files, columns=columns)
     job.check_rows(rows, users)
     record = opts.record({"engine": "ray", "input": [in_fs.get_file_info(f).size for f in files], "files": files},
                          manifest_sha256(model))
@@ -211,7 +216,8 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
     if not workers:
         workers = (max(1, int(resources.get("GPU", 0) // gpus_per_worker)) if gpus_per_worker
                    else max(1, int(resources.get("CPU", 1) // cpus) - 1))
-    options = {**opts.recommender(), "threads": threads or cpus, "device": "cuda" if gpus_per_worker else "cpu"}
+    options = {**opts.recommender(), "threads": threads or cpus, "device": "cuda" if gpus_per_worker else "cpu",
+               "filters": prepared, "output": output}
     attempt = f"{STAGING}/{uuid.uuid4().hex[:12]}"
     staging = f"{root}/{attempt}"  # on out_fs; the actors open it from its location
     out_fs.create_dir(staging)
@@ -228,7 +234,7 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
     # holding the other CPUs of a small cluster that waits forever. The V1 reader needs no actors.
     ray.data.DataContext.get_current().use_datasource_v2 = False
     registry = ray.remote(num_cpus=0)(_Registry).remote()
-    dataset = ray.data.read_parquet(files, filesystem=in_fs, columns=["user_id", "history"], partitioning=None)
+    dataset = ray.data.read_parquet(files, filesystem=in_fs, columns=columns, partitioning=None)
     dataset = dataset.map_batches(
         _Scorer, batch_size=opts.chunk_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus, num_gpus=gpus_per_worker or None,
@@ -249,7 +255,7 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
         results.append(_score_duplicates(dups, model, options, out_fs, staging))
     return _commit(out_fs, root, staging, results, rows, started, model=str(artifacts), top_k=opts.top_k,
                    manifest_sha256=record["manifest_sha256"], workers=workers, gpus_per_worker=gpus_per_worker,
-                   kind=_kind(model))
+                   kind=_kind(model), filters=prepared.info)
 
 
 def _connect(ray, address: str | None) -> None:
@@ -286,7 +292,7 @@ def _score_duplicates(dups: pl.DataFrame, model: Path, options: dict, fs, stagin
     first = dups.filter(pl.col("user_id").is_first_distinct())
     later = dups.filter(~pl.col("user_id").is_first_distinct())
     recommender = Recommender(model, **{**options, "device": "cpu", "threads": 0})
-    recs, rejects, stats = recommender.recommend(first.select("user_id", "history"))
+    recs, rejects, stats = recommender.recommend(first.drop("_pos"))
     rejects = pl.concat([rejects, later.select("user_id", reason=pl.lit("duplicate user"))])
     stats = Counter(stats)
     stats["users_in"] += later.height

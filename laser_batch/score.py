@@ -31,11 +31,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from laser_batch import filters as item_filters
 from laser_batch import job, metrics
 from laser_batch.artifacts import ITEM_IDS, ITEM_MATRIX, Embedder, check_manifest_sha256, manifest_sha256
 from laser_batch.files import atomic_write
+from laser_batch.filters import ItemFilters
 from laser_batch.inputs import check_users_schema, filesystem, group_interactions, input_files
 from laser_batch.job import DEFAULT_MAX_BATCH_TOKENS, JobOptions
+from laser_batch.output import BECAUSE, OutputOptions
 from laser_batch.sequences import length_batches
 
 logger = logging.getLogger(__name__)
@@ -61,11 +64,15 @@ class Recommender:
         variant: a quantised user-encoder variant from the manifest ("" = the exported graph).
         io_binding: run the graphs with ONNX Runtime I/O binding (the M-Former's prefix stays on the device for
             the user encoder); None: on with CUDA, off on the CPU, where it gives the same numbers.
+        filters: business filters and backfill (`laser_batch.filters.prepare`); None: none.
+        output: explanations, item columns, score scale and layout (`laser_batch.output.prepare`); None: the plain
+            long output.
     """
 
     def __init__(self, artifacts: Path, *, top_k: int = 20, batch_size: int = 64,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, device: str = "auto", threads: int = 0,
-                 include_history: bool = False, variant: str = "", io_binding: bool | None = None) -> None:
+                 include_history: bool = False, variant: str = "", io_binding: bool | None = None,
+                 filters: ItemFilters | None = None, output: OutputOptions | None = None) -> None:
         job.check_positive({"--top-k": top_k, "--batch-size": batch_size, "--max-batch-tokens": max_batch_tokens})
         self.artifacts = Path(artifacts)
         self.embedder = Embedder(self.artifacts, device=device, threads=threads, variant=variant,
@@ -79,6 +86,8 @@ class Recommender:
                                     "_internal": np.arange(1, len(ids) + 1, dtype=np.int64)})
         self.providers = self.embedder.providers
         self.manifest_sha256 = manifest_sha256(self.artifacts)
+        self.filters = filters if filters is not None else ItemFilters()
+        self.output = output if output is not None else OutputOptions()
 
     @property
     def item_id_dtype(self) -> pl.DataType:
@@ -89,11 +98,13 @@ class Recommender:
         """Top-K recommendations for a batch of users.
 
         Args:
-            users: `user_id` + `history` (list of original item ids, oldest first).
+            users: `user_id` + `history` (list of original item ids, oldest first), and optionally `candidates`
+                (list of item ids: rank only these; null: every item).
             seen: the user ids met before this batch (their rows are duplicates).
 
         Returns:
-            (recommendations: user_id, rank, item_id, score; rejects: user_id, reason; stats dict).
+            (recommendations: user_id, rank, item_id, score (+ source with backfill, because_item_id, item columns;
+            or one row per user with `layout = "list"`); rejects: user_id, reason; stats dict).
         """
         stats: Counter = Counter(users_in=users.height)
         users = users.with_row_index("_row")
@@ -113,14 +124,20 @@ class Recommender:
         keep = grouped.filter(pl.Series(reason[grouped["_row"].to_numpy()] == ""))
         rows = keep["_row"].to_numpy()
         histories = [np.asarray(h, dtype=np.int64) for h in keep["_internal"].to_list()]
+        restrictions = self.filters.restrictions(
+            users["user_id"].gather(rows),
+            users[item_filters.CANDIDATES].gather(rows) if item_filters.CANDIDATES in users.columns else None,
+            self.id_map, stats)
         if len(rows):
-            top, scores = self._top_k(histories, stats)
+            top, scores, filled, backfilled = self._top_k(histories, stats, restrictions)
         else:
-            top = scores = np.empty((0, 1))
-        # Best first: a -inf at rank 1 means every item was excluded (the history covers the catalogue).
-        eligible = np.isfinite(scores[:, 0])
+            top, scores, filled = np.empty((0, 1), dtype=np.int64), np.empty((0, 1)), np.zeros((0, 1), dtype=bool)
+            backfilled = filled
+        # Nothing at rank 1: every item was excluded (e.g. the history covers the catalogue) and none backfilled.
+        eligible = filled[:, 0]
         reason[rows[~eligible]] = "no eligible items"
-        rows, top, scores = rows[eligible], top[eligible], scores[eligible]
+        rows, top, scores, filled, backfilled = (a[eligible] for a in (rows, top, scores, filled, backfilled))
+        histories = [h for h, ok in zip(histories, eligible, strict=True) if ok]
 
         rejected = reason != ""
         rejects = pl.DataFrame({"user_id": users["user_id"].filter(pl.Series(rejected)),
@@ -129,18 +146,31 @@ class Recommender:
         for r, n in Counter(reason[rejected].tolist()).items():
             stats[f"rejected:{r}"] = n
         stats["scored"] = len(rows)
-        if not len(rows):
-            return self._empty(users.schema["user_id"]), rejects, dict(stats)
+        stats["short_of_k"] = int((filled.sum(1) < self.top_k).sum())  # fewer eligible items than K: all of them
+        if self.filters.backfill:
+            stats["backfilled_users"] = int(backfilled.any(1).sum())
+            stats["backfill_items"] = int(backfilled.sum())
+        return self._frame(users["user_id"], rows, top, scores, filled, backfilled, histories), rejects, dict(stats)
+
+    def _frame(self, user_ids: pl.Series, rows: np.ndarray, top: np.ndarray, scores: np.ndarray, filled: np.ndarray,
+               backfilled: np.ndarray, histories: list[np.ndarray]) -> pl.DataFrame:
+        """The recommendations of the scored users `rows` (the batch's rows): one row per filled slot, best first."""
         k = top.shape[1]
-        valid = np.isfinite(scores)  # fewer eligible items than k: the user gets all of them
-        user_index = np.repeat(rows, k)[valid.reshape(-1)]
+        valid = filled.reshape(-1)  # fewer eligible items than k: the user gets all of them
+        columns = top.reshape(-1)[valid]
         recs = pl.DataFrame({
-            "user_id": users["user_id"].gather(user_index),
-            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(rows))[valid.reshape(-1)],
-            "item_id": self.item_ids.gather(top.reshape(-1)[valid.reshape(-1)]),
-            "score": scores.reshape(-1)[valid.reshape(-1)].astype(np.float32),
+            "user_id": user_ids.gather(np.repeat(rows, k)[valid]),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(rows))[valid],
+            "item_id": self.item_ids.gather(columns),
+            "score": scores.reshape(-1)[valid].astype(np.float32),
         })
-        return recs, rejects, dict(stats)
+        if self.filters.backfill:
+            recs = recs.with_columns(pl.Series(item_filters.SOURCE, np.where(backfilled.reshape(-1)[valid], "backfill",
+                                                                             "model"), dtype=pl.String))
+        if self.output.explain:
+            because = self.output.because(top, filled, histories, self.item_matrix).reshape(-1)[valid]
+            recs = recs.with_columns(self.item_ids.gather(because).alias(BECAUSE))
+        return self.output.finish(recs, columns)
 
     def _reasons(self, users: pl.DataFrame, seen: SeenUsers | None) -> np.ndarray:
         """Per row: "" (fine so far), "null user_id" or "duplicate user" (the first occurrence is kept)."""
@@ -154,11 +184,15 @@ class Recommender:
         reason[null] = "null user_id"
         return reason
 
-    def _top_k(self, histories: list[np.ndarray], stats: Counter) -> tuple[np.ndarray, np.ndarray]:
-        """(top item rows (B, k), their scores (B, k); -inf where a user has fewer than k candidates)."""
+    def _top_k(self, histories: list[np.ndarray], stats: Counter, restrictions: item_filters.Restrictions
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(top item rows (B, k), their scores (B, k), filled (B, k): a slot holds an item (a user with fewer than k
+        eligible items has empty ones), backfilled (B, k): the slot was filled by `--backfill popular`)."""
         k = min(self.top_k, self.item_matrix.shape[0])
-        top = np.empty((len(histories), k), dtype=np.int64)
-        best = np.empty((len(histories), k), dtype=np.float32)
+        top = np.zeros((len(histories), k), dtype=np.int64)
+        best = np.full((len(histories), k), -np.inf, dtype=np.float32)
+        filled = np.zeros((len(histories), k), dtype=bool)
+        backfilled = np.zeros((len(histories), k), dtype=bool)
         if self.embedder.kind == "laser":
             lengths = self.embedder.text.lengths(histories)
         else:
@@ -171,14 +205,22 @@ class Recommender:
             stats["padded_tokens"] += int(mask.size)
             users = self.embedder.run(feeds)  # (b, D)
             scores = users @ self.item_matrix.T  # (b, N)
+            normaliser = self.output.log_normaliser(scores)  # --score prob: over the whole catalogue, unfiltered
             if not self.include_history:
                 metrics.exclude_items(scores, hist)
-            top[batch], best[batch] = metrics.top_k(scores, k)
-        return top, best
-
-    def _empty(self, user_dtype: pl.DataType) -> pl.DataFrame:
-        return pl.DataFrame(schema={"user_id": user_dtype, "rank": pl.Int32, "item_id": self.item_id_dtype,
-                                    "score": pl.Float32})
+            self.filters.mask(scores, batch, restrictions)  # every filter is a mask before the top K
+            chosen, chosen_scores = metrics.top_k(scores, k)
+            present = np.isfinite(chosen_scores)
+            if self.filters.backfill:
+                added = self.filters.fill(chosen, present, hist, batch, restrictions)  # fills `chosen` in place
+                rows, slots = np.nonzero(added)
+                # A backfilled item carries the model's own score for it; its rank comes from popularity.
+                chosen_scores[rows, slots] = np.einsum("id,id->i", users[rows], self.item_matrix[chosen[rows, slots]])
+                present |= added
+                backfilled[batch] = added
+            top[batch], filled[batch] = chosen, present
+            best[batch] = self.output.finish_scores(chosen_scores, normaliser)
+        return top, best, filled, backfilled
 
 
 def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Callable[[int, int], None] | None = None,
@@ -197,8 +239,11 @@ def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Calla
     job.check_out(fs, root, str(out), resume=opts.resume, overwrite=opts.overwrite)  # before any model work
     if opts.expect_manifest_sha256 is not None:
         check_manifest_sha256(Path(artifacts), opts.expect_manifest_sha256)
-    check_users_schema(users_path, interactions=opts.interactions)
-    recommender = Recommender(artifacts, **opts.recommender())
+    schema = check_users_schema(users_path, interactions=opts.interactions)
+    prepared = opts.item_filters(Path(artifacts))
+    prepared.check_input(schema, users_path)
+    output = opts.output_options(Path(artifacts))
+    recommender = Recommender(artifacts, **opts.recommender(), filters=prepared, output=output)
     check_users_schema(users_path, recommender.item_id_dtype, interactions=opts.interactions)
     files = input_files(users_path)
     record = opts.record({"input": str(users_path.resolve()), "input_files": [
@@ -291,7 +336,8 @@ def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, sec
         totals, rows=rows, chunks=chunks, seconds=seconds, provider=recommender.providers[0],
         providers=recommender.providers, model=str(recommender.artifacts), model_kind=recommender.embedder.kind,
         manifest_sha256=recommender.manifest_sha256, top_k=recommender.top_k, batch_size=recommender.batch_size,
-        max_batch_tokens=recommender.max_batch_tokens, io_binding=recommender.embedder.io_binding)
+        max_batch_tokens=recommender.max_batch_tokens, io_binding=recommender.embedder.io_binding,
+        filters=recommender.filters.info)
     rejects = [pl.read_parquet(p) for p in sorted((out / STATS_DIR).glob("rejects-*.parquet"))]
     job.commit(fs, root, rejects, summary, scratch=f"{root}/{WORK_DIR}")
     return summary

@@ -219,3 +219,48 @@ def test_engine_ray_without_ray_installed_is_one_clear_line(artifacts, tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: --engine ray needs Ray Data")
     assert "pip install 'laser-batch[ray]'" in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_ray_output_equals_the_local_engine_with_every_filter_on(artifacts, ray_cluster, tmp_path):  # noqa: F811
+    from laser_batch.ray_engine import score_ray
+
+    users = _users(artifacts)
+    catalogue = pl.read_parquet(artifacts / "laser_art" / "item_ids.parquet").sort("index")["item_id"].to_list()
+    lists = [None if u % 4 == 0 else [*catalogue[u % 30:u % 30 + u % 7], 990001] for u in range(users.height)]
+    rows = pl.concat([users, users.head(2).with_columns(pl.col("history").list.head(2))])  # two duplicated users
+    rows = rows.with_columns(pl.Series("candidates", lists + [[catalogue[0]], None], dtype=pl.List(pl.Int64)))
+    (tmp_path / "in").mkdir()
+    for k, (start, length) in enumerate(((0, 25), (25, 20), (45, None))):
+        rows.slice(start, length).write_parquet(tmp_path / "in" / f"{k}.parquet")
+    pl.DataFrame({"user_id": users["user_id"], "item_id": [catalogue[(3 * u) % 40] for u in range(users.height)]}
+                 ).write_parquet(tmp_path / "exclude.parquet")
+    (tmp_path / "deny.txt").write_text("\n".join(map(str, catalogue[35:])))
+    pl.DataFrame({"item_id": catalogue[2:]}).write_parquet(tmp_path / "allow.parquet")
+    options = {"top_k": 5, "chunk_size": 16, "allow_items": str(tmp_path / "allow.parquet"),
+               "deny_items": str(tmp_path / "deny.txt"), "item_filter": "category <> 'Tea'",
+               "exclude": str(tmp_path / "exclude.parquet"), "backfill": "popular"}
+    local = score_users(tmp_path / "in", artifacts / "laser_art", tmp_path / "local", **options)
+    ray = score_ray(str(tmp_path / "in"), str(artifacts / "laser_art"), str(tmp_path / "ray"), workers=1, **options)
+    _assert_same_result(tmp_path / "ray", tmp_path / "local")
+    assert _recs(tmp_path / "ray")["source"].equals(_recs(tmp_path / "local")["source"])
+    for key in ("short_of_k", "unknown_candidates_dropped", "backfilled_users", "backfill_items", "filters"):
+        assert ray[key] == local[key], key
+    assert local["backfill_items"] > 0 and local["unknown_candidates_dropped"] > 0
+    assert local["users_rejected"]["duplicate user"] == 2
+
+
+def test_ray_output_equals_the_local_engine_with_every_output_option(artifacts, users_dir, ray_cluster,  # noqa: F811
+                                                                     tmp_path):
+    from laser_batch.ray_engine import score_ray
+
+    options = {"top_k": 5, "chunk_size": 16, "explain": True, "with_item_columns": "title,category",
+               "score": "prob", "layout": "list"}
+    local = score_users(users_dir / "all.parquet", artifacts / "laser_art", tmp_path / "local", **options)
+    ray = score_ray(str(users_dir / "dir"), str(artifacts / "laser_art"), str(tmp_path / "ray"), workers=1, **options)
+    mine, theirs = (pl.concat([pl.read_parquet(p) for p in sorted((tmp_path / out).glob("part-*.parquet"))])
+                    .sort("user_id") for out in ("ray", "local"))
+    assert mine.columns == ["user_id", "item_ids", "scores", "because_item_id", "title", "category"]
+    assert mine.drop("scores").equals(theirs.drop("scores"))
+    np.testing.assert_allclose(mine["scores"].explode().to_numpy(), theirs["scores"].explode().to_numpy(),
+                               rtol=1e-4, atol=1e-7)
+    assert ray["users_scored"] == local["users_scored"] == mine.height
