@@ -78,6 +78,8 @@ def main() -> None:
     base = work / "run"
     if not (base / "sasrec" / "config.json").exists():
         train_sasrec(data, base, config, overwrite=True)
+    bench = Bench(data, base)
+    sasrec_ranks = bench.test_ranks(bench.scorer("sasrec", base))  # every Laser row's paired comparison
     for model in args.model or ["popularity", "sasrec", *VARIANTS]:
         if model in record["models"]:
             logging.info("%s: done already, skipping", model)
@@ -92,14 +94,13 @@ def main() -> None:
             variant = load_config(args.config, llm={"source": llm}, **VARIANTS[model])
             started = time.perf_counter()
             result = train_laser(run, variant, resume=True, overwrite=True)
-            bench = Bench(data, base)
             ranks = bench.test_ranks(bench.scorer("laser", run))
             metrics = metrics_from_ranks(ranks)
             record["models"][model] = {
                 **{k: metrics[k] for k in METRICS}, "gate": result.gate,
                 "seconds_per_epoch": round(result.seconds_per_epoch, 1),
                 "trained_parameters": result.trainable_parameters,
-                "ndcg10_vs_sasrec": versus_sasrec(ranks, bench.test_ranks(bench.scorer("sasrec", base))),
+                "ndcg10_vs_sasrec": versus_sasrec(ranks, sasrec_ranks),
             }
             record.setdefault("runs", {})[model] = {
                 "command": command,  # models of one results file may come from different invocations

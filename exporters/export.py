@@ -40,6 +40,7 @@ from laser_batch.exporters.parts import (
 )
 from laser_batch.exporters.quantize import CALIBRATION_USERS, add_variants, parse_schemes
 from laser_batch.exporters.validate import FP16_MIN_COSINE, HeldOut, end_to_end, sample
+from laser_batch.files import replace_directory
 from laser_batch.sequences import Sequences, build_sequences, pad_left
 
 logger = logging.getLogger(__name__)
@@ -107,23 +108,12 @@ def export_run(
             _to_fp16(partial, manifest, held_out)
         manifest["export_seconds"] = round(time.perf_counter() - started, 2)
         write_manifest(partial, manifest)
-        _replace(partial, out)
+        replace_directory(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     logger.info("exported %s to %s in %.1f s", model, out, manifest["export_seconds"])
     return manifest
-
-
-def _replace(partial: Path, out: Path) -> None:
-    """Move the finished export into place; an old `out` is removed only after the new one is complete."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    partial.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_sasrec(run_dir: Path, directory: Path, validate_users: int) -> tuple[dict, HeldOut | None]:

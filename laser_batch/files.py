@@ -55,3 +55,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *, fs=None) 
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+
+
+def replace_directory(partial: Path, out: Path) -> None:
+    """Move the finished directory `partial` into place as `out`; an old `out` is removed only once the new one is
+    there (a reader sees the old directory or the new one, never a half-written one)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    partial.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

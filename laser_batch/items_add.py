@@ -54,6 +54,7 @@ from laser_batch.artifacts import (
 )
 from laser_batch.contracts import first_line
 from laser_batch.errors import ArtifactError, InputError
+from laser_batch.files import replace_directory
 from laser_batch.inputs import is_id
 from laser_batch.sequences import length_batches
 
@@ -165,7 +166,7 @@ def add_items(artifacts: Path, new_items: Path, out: Path, *, id_vector: str = "
                  "items_added": [*manifest.get("items_added", []), record]}
         write_manifest(partial, child)
         load_manifest(partial)  # what was written verifies
-        _replace(partial, out)
+        replace_directory(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -179,17 +180,6 @@ def write_manifest(directory: Path, manifest: dict) -> None:
     manifest["files"] = {p.name: file_record(directory, p.name) for p in sorted(directory.iterdir())
                          if p.is_file() and p.name != MANIFEST}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-
-
-def _replace(partial: Path, out: Path) -> None:
-    """Move the finished directory into place; an old OUT is removed only once the new one is there."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    partial.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fallback(vectors: np.ndarray | None, kind: str, size: int) -> np.ndarray:

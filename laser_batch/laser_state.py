@@ -85,12 +85,11 @@ class LaserTraining:
         model, (histories, targets) = self.model, self.valid
         tau = model.config.temperature
         ranks = np.empty((len(GATE_GRID) + 1, len(targets)), dtype=np.int64)  # the last row: Laser alone
-        item_vectors = model.sasrec.item_vectors()
         for start in range(0, len(targets), self.eval_batch_size):
             stop = min(start + self.eval_batch_size, len(targets))
             batch = list(histories[start:stop])
             cosine = encode_users(model, self.inputs, batch, batch_size=self.config.item_batch_size) @ items.T
-            sasrec = model.sasrec_state(self.inputs.id_history(batch)) @ item_vectors.T
+            sasrec = model.sasrec_scores(self.inputs.id_history(batch))
             candidates = [sasrec + g * cosine / tau for g in GATE_GRID] + [cosine]
             for row, scores in enumerate(candidates):
                 scores = scores.numpy().astype(np.float32)

@@ -248,8 +248,12 @@ class Laser(nn.Module):
         exactly SASRec's scores. Neither term is rescaled: SASRec's dot scores are not normalised, Laser's are
         cosine / tau, and g learns how much of the second to add.
         """
-        sasrec = self.sasrec_state(id_history) @ self.sasrec.item_vectors().T  # (B, N)
-        return sasrec + self.gate * cosine / self.config.temperature
+        return self.sasrec_scores(id_history) + self.gate * cosine / self.config.temperature
+
+    @torch.no_grad()
+    def sasrec_scores(self, id_history: torch.Tensor) -> torch.Tensor:
+        """SASRec(u, i) for every item, (B, N): the fusion's first term."""
+        return self.sasrec_state(id_history) @ self.sasrec.item_vectors().T
 
     @torch.no_grad()
     def fused_users(self, users: torch.Tensor, id_history: torch.Tensor) -> torch.Tensor:
