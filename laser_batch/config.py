@@ -100,7 +100,7 @@ PREFIX_KINDS = ("mformer", "free", "none")
 CF_POSITIONS = ("prefix", "after_text")
 POOLINGS = ("suffix", "mean", "eos")
 FUSIONS = ("none", "gated")
-GATE_FITS = ("valid", "train")
+GATE_FITS = ("valid", "train", "residual")
 MFORMER_PRESETS = {
     # The paper's M-Former: 8 experts of 32 queries, width 768, 12 blocks, cross-attention every 2nd block.
     "paper": {"num_experts": 8, "num_queries": 32, "hidden_size": 768, "num_blocks": 12, "num_heads": 12,
@@ -224,7 +224,11 @@ class LaserConfig:
     # on the validation users - a one-number blend weight fitted on held-out data, like the TF-IDF blend's. "train":
     # g is trained with the rest on the fused loss over the training samples; measured on Scientific, that never beat
     # SASRec on validation (SASRec fits its own training targets far better than held-out ones, so the fused loss
-    # there teaches Laser and g little that carries over).
+    # there teaches Laser and g little that carries over). "residual": Laser trains on the fused logits with g = 1,
+    # held-out SASRec + cosine / tau, so that it learns what SASRec misses instead of what SASRec already ranks;
+    # the SASRec term comes from a second SASRec fitted on each training sequence without its last item, whose scores
+    # for that item are out-of-sample as they are at validation and test (the run's own SASRec trained on it).
+    # g is then fitted on validation after every epoch, as with "valid".
     gate_fit: str = "valid"
 
     def __post_init__(self) -> None:

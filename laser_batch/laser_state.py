@@ -21,6 +21,7 @@ from laser_batch.encode import LaserInputs, encode_items, encode_users, laser_sc
 from laser_batch.errors import CheckpointError
 from laser_batch.metrics import exclude_items, metrics_from_ranks, rank_targets, target_ranks
 from laser_batch.model import Laser
+from laser_batch.sasrec import SASRec
 from laser_batch.sequences import Sequences
 from laser_batch.state_file import read_state, write_state
 from laser_batch.training import Progress
@@ -50,6 +51,14 @@ class LaserTraining:
     eval_batch_size: int
     select: str  # the validation metric that picks the best epoch
     centre_histories: list[np.ndarray]  # the fixed sample `laser.center_users` centres users by
+    heldout: SASRec | None = None  # `laser.gate_fit = "residual"`: the SASRec whose scores offset the training logits
+
+    @torch.no_grad()
+    def offsets(self, id_history: torch.Tensor) -> torch.Tensor | None:
+        """The held-out SASRec's scores (B, N) for a training batch (None unless `gate_fit = "residual"`)."""
+        if self.heldout is None:
+            return None
+        return self.heldout(id_history)[:, -1] @ self.heldout.item_vectors().T
 
     def encode_catalogue(self) -> torch.Tensor:
         """Re-encode every item (stage 1's item matrix), re-centring users and items as configured: (N, D)."""
@@ -64,10 +73,10 @@ class LaserTraining:
     def validate(self, items: torch.Tensor) -> dict[str, float]:
         """Full-ranking metrics of the validation users against `items`.
 
-        With the gated fusion and `laser.gate_fit = "valid"` this first sets g (`fit_gate`) and returns the fused
-        model's metrics at that g.
+        With the gated fusion and `laser.gate_fit = "valid"` or "residual" this first sets g (`fit_gate`) and returns
+        the fused model's metrics at that g.
         """
-        if self.model.fused and self.config.gate_fit == "valid":
+        if self.model.fused and self.config.gate_fit in ("valid", "residual"):
             return self.fit_gate(items)
         histories, targets = self.valid
         scorer = laser_scorer(self.model, self.inputs, items, batch_size=self.config.item_batch_size)

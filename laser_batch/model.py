@@ -218,20 +218,26 @@ class Laser(nn.Module):
 
     def loss(
         self, users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, lb_loss: torch.Tensor, *,
-        id_history: torch.Tensor | None = None,
+        id_history: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cross-entropy over the whole catalogue + lambda * load-balancing loss.
 
         The logits are cosine / tau, or with the gated fusion and `gate_fit = "train"` `fused_scores` (SASRec's dot
-        + g * cosine / tau; with `gate_fit = "valid"` Laser trains on its own logits and g is fitted on validation).
-        users: (B, D) normalised; items: (N, D) normalised (row j = internal item j + 1); targets: (B,) in 1..N;
-        id_history: (B, S) the users' SASRec input (the fusion's SASRec scores), required with the fusion.
+        + g * cosine / tau; with `gate_fit = "valid"` Laser trains on its own logits and g is fitted on validation),
+        or with `gate_fit = "residual"` offsets + cosine / tau (the held-out SASRec's scores, then g fitted on
+        validation). users: (B, D) normalised; items: (N, D) normalised (row j = internal item j + 1); targets: (B,)
+        in 1..N; id_history: (B, S) the users' SASRec input, required with `gate_fit = "train"`; offsets: (B, N),
+        required with `gate_fit = "residual"`.
         """
         cosine = users @ items.T  # (B, N)
         if self.fused and self.config.gate_fit == "train":
             if id_history is None:
                 raise ValueError("the gated fusion's loss needs the users' id_history (SASRec's input)")
             logits = self.fused_scores(id_history, cosine)
+        elif self.fused and self.config.gate_fit == "residual":
+            if offsets is None:
+                raise ValueError("the residual fusion's loss needs the held-out SASRec's scores (offsets)")
+            logits = offsets + cosine / self.config.temperature
         else:
             logits = cosine / self.config.temperature
         return F.cross_entropy(logits, targets - 1) + self.config.lb_weight * lb_loss

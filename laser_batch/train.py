@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,18 +71,57 @@ def train_sasrec(
     writer = StageWriter(run_dir, SASREC_DIR, overwrite=overwrite)
     write_run_info(run_dir, data_dir)
 
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    logger.info("SASRec: %d users", sequences.num_users)
+    fit = fit_sasrec(config, sequences.num_items, sequences.train_sequences(), sequences.split("valid"), progress,
+                     on_epoch=writer.append_metrics)
+    model, train_cfg, epoch, best_epoch = fit.model, config.train, fit.epochs_run, fit.best_epoch
+    best_metrics, stopped, train_seconds = fit.valid_metrics, fit.stopped_by, fit.seconds
+    save_sasrec(writer.partial, model, sequences, {
+        "train": vars(train_cfg).copy(), "best_epoch": best_epoch, "epochs_run": epoch, "stopped_by": stopped,
+        "valid_metrics": best_metrics, "train_seconds": round(train_seconds, 2),
+        "dropped_users": sequences.dropped_users, "drop_unknown_items": drop_unknown_items,
+        "data_dir": str(Path(data_dir).resolve()),
+    })
+    checkpoint = writer.commit()
+    return TrainResult(checkpoint, best_epoch, epoch, best_metrics, train_seconds, sequences.dropped_users)
+
+
+@dataclass
+class SASRecFit:
+    model: SASRec  # the best validation epoch's weights, in eval mode
+    best_epoch: int
+    epochs_run: int
+    valid_metrics: dict[str, float]
+    stopped_by: str  # "epochs", "patience" or "max_minutes"
+    seconds: float
+
+
+def fit_sasrec(
+    config: Config,
+    num_items: int,
+    train_seqs: list[np.ndarray],
+    valid: tuple[list[np.ndarray], np.ndarray],
+    progress: Progress = NoProgress,
+    *,
+    on_epoch: Callable[[dict], None] = lambda record: None,
+) -> SASRecFit:
+    """Train a fresh SASRec (config.sasrec, config.train) on `train_seqs`, keeping the best epoch on `valid`.
+
+    `train_sasrec` fits the run's SASRec with it; `laser.gate_fit = "residual"` fits a second one on sequences cut
+    one item shorter (laser_batch.train_laser.heldout_sasrec). `on_epoch` receives every epoch's metrics record.
+    """
     train_cfg, model_cfg = config.train, config.sasrec
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
     seed_everything(train_cfg.seed)
-    model = SASRec(model_cfg, sequences.num_items)
+    model = SASRec(model_cfg, num_items)
     optimizer = torch.optim.Adam(model.parameters(), lr=train_cfg.lr, betas=(0.9, 0.98),
                                  weight_decay=train_cfg.weight_decay)
-    inputs, targets = training_arrays(sequences.train_sequences(), model_cfg.max_len)
-    valid_histories, valid_targets = sequences.split("valid")
+    inputs, targets = training_arrays(train_seqs, model_cfg.max_len)
+    valid_histories, valid_targets = valid
     rng = np.random.default_rng(train_cfg.seed)
-    logger.info("SASRec: %d users, %d items, %d training sequences, %d parameters",
-                sequences.num_users, sequences.num_items, len(inputs), sum(p.numel() for p in model.parameters()))
+    logger.info("SASRec: %d items, %d training sequences, %d parameters",
+                num_items, len(inputs), sum(p.numel() for p in model.parameters()))
 
     ks = sorted({*DEFAULT_KS, *train_cfg.select_ks})
     best_score, best_epoch, best_state, best_metrics, stale = -1.0, 0, None, {}, 0
@@ -94,8 +134,8 @@ def train_sasrec(
                              batch_size=train_cfg.eval_batch_size)
         metrics = metrics_from_ranks(ranks, ks)
         score = metrics[train_cfg.select_metric]
-        writer.append_metrics({"epoch": epoch, "loss": loss, "seconds": round(time.perf_counter() - epoch_start, 3),
-                               "split": "valid", **metrics})
+        on_epoch({"epoch": epoch, "loss": loss, "seconds": round(time.perf_counter() - epoch_start, 3),
+                  "split": "valid", **metrics})
         logger.info("epoch %d loss %.4f valid %s", epoch, loss,
                     " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if score > best_score:
@@ -111,17 +151,8 @@ def train_sasrec(
             logger.info("time budget of %g minutes reached after epoch %d", train_cfg.max_minutes, epoch)
             stopped = "max_minutes"
             break
-    train_seconds = time.perf_counter() - started
-
     model.load_state_dict(best_state)
-    save_sasrec(writer.partial, model, sequences, {
-        "train": vars(train_cfg).copy(), "best_epoch": best_epoch, "epochs_run": epoch, "stopped_by": stopped,
-        "valid_metrics": best_metrics, "train_seconds": round(train_seconds, 2),
-        "dropped_users": sequences.dropped_users, "drop_unknown_items": drop_unknown_items,
-        "data_dir": str(Path(data_dir).resolve()),
-    })
-    checkpoint = writer.commit()
-    return TrainResult(checkpoint, best_epoch, epoch, best_metrics, train_seconds, sequences.dropped_users)
+    return SASRecFit(model.eval(), best_epoch, epoch, best_metrics, stopped, time.perf_counter() - started)
 
 
 def _train_epoch(

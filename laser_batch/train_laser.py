@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from laser_batch.checkpoint import LASER_DIR, SASREC_DIR, StageWriter, load_sasrec, read_run_info, save_laser
 from laser_batch.config import Config
@@ -31,10 +32,13 @@ from laser_batch.laser_state import RESUME_FILE, LaserState, LaserTraining, load
 from laser_batch.llm import FrozenLLM, load_llm
 from laser_batch.metrics import DEFAULT_KS
 from laser_batch.model import Laser
+from laser_batch.sasrec import SASRec
 from laser_batch.sequences import Sequences, build_sequences, evenly_spread, length_batches
+from laser_batch.train import fit_sasrec
 from laser_batch.training import NoProgress, Progress, seed_everything
 
 logger = logging.getLogger(__name__)
+HELDOUT_SASREC_FILE = "heldout_sasrec.safetensors"  # in RUN_DIR/.laser.partial while training (gate_fit = "residual")
 
 
 @dataclass
@@ -118,6 +122,8 @@ def train_laser(
     model, inputs, sequences = build_laser(config, run_dir, llm)
     writer = StageWriter(run_dir, LASER_DIR, overwrite=overwrite, keep_partial=resume)
     training = _prepare(config, model, inputs, sequences, progress)
+    if model.fused and config.laser.gate_fit == "residual":
+        training.heldout = heldout_sasrec(config, sequences, writer.partial, progress)
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("Laser: %d trainable parameters; LLM %s (%s)", n_trainable, model.llm.source,
                 model.llm.fingerprint[:12])
@@ -144,9 +150,34 @@ def train_laser(
         **_gate_record(model),
     })
     (writer.partial / RESUME_FILE).unlink(missing_ok=True)
+    (writer.partial / HELDOUT_SASREC_FILE).unlink(missing_ok=True)
     checkpoint = writer.commit()
     return LaserResult(checkpoint, best.stage, best.epoch, best.metrics, seconds_per_epoch, n_trainable,
                        model.gate_value)
+
+
+def heldout_sasrec(config: Config, sequences: Sequences, directory: Path, progress: Progress = NoProgress) -> SASRec:
+    """A SASRec (the run's settings) fitted without each training sequence's last item, for `gate_fit = "residual"`.
+
+    Laser's training samples predict that last item (`training_samples`), which the run's own SASRec was trained on:
+    its scores there are far more confident than at validation or test. This one never saw it, so its scores for
+    the training samples are out-of-sample as the run's SASRec's are for the validation and test targets. Its epoch
+    is chosen on that held-out item. Kept in `directory` (the run's .laser.partial) so that a resumed run reuses it.
+    """
+    path = Path(directory) / HELDOUT_SASREC_FILE
+    if path.is_file():
+        model = SASRec(config.sasrec, sequences.num_items)
+        model.load_state_dict(load_file(str(path)))
+        return model.eval().requires_grad_(False)
+    cut = [s[:-1] for s in sequences.train_sequences()]
+    kept = [i for i, s in enumerate(cut) if len(s) >= 1]
+    valid = ([cut[i] for i in kept], np.asarray([sequences.train_sequences()[i][-1] for i in kept], dtype=np.int64))
+    fit = fit_sasrec(config, sequences.num_items, cut, valid, progress)
+    logger.info("held-out SASRec: best epoch %d of %d, %s on each training sequence's last item %.4f",
+                fit.best_epoch, fit.epochs_run, config.train.select_metric,
+                fit.valid_metrics[config.train.select_metric])
+    save_file({k: v.contiguous() for k, v in fit.model.state_dict().items()}, str(path))
+    return fit.model.requires_grad_(False)
 
 
 def _prepare(config: Config, model: Laser, inputs: LaserInputs, sequences: Sequences,
@@ -250,7 +281,8 @@ def _train_epoch(training: LaserTraining, items: torch.Tensor, desc: str) -> flo
     for i, rows in enumerate(batches):
         batch = training.inputs.users([histories[r] for r in rows])
         users, lb_loss = model.training_forward(*batch)
-        loss = model.loss(users, items, torch.from_numpy(targets[rows]), lb_loss, id_history=batch[0])
+        loss = model.loss(users, items, torch.from_numpy(targets[rows]), lb_loss, id_history=batch[0],
+                          offsets=training.offsets(batch[0]))
         (loss / cfg.grad_accumulation).backward()
         if (i + 1) % cfg.grad_accumulation == 0 or i + 1 == len(batches):
             optimizer.step()

@@ -1,5 +1,6 @@
 """`laser.fusion = "gated"`: score = SASRec(u, i) + g * cos(laser_u, laser_i) / tau, with g from 0: fitted on
-validation (`gate_fit = "valid"`, the default) or trained (`"train"`).
+validation (`gate_fit = "valid"`, the default, or `"residual"`: Laser trained against a held-out SASRec's scores) or
+trained (`"train"`).
 
 It starts at SASRec's exact ranking, model selection keeps that start unless an epoch beats it, and the export
 scores it as one product of [SASRec state ; g / tau * laser_u] with [SASRec item ; laser_i], as evaluate does.
@@ -311,3 +312,68 @@ def test_the_fitted_gate_is_the_grid_value_that_ranks_validation_best(sasrec_run
     assert best["gate"] == saved["gate"] == result.gate
     assert best["NDCG@10"] == pytest.approx(by_gate[chosen], abs=1e-9)
     assert evaluate_run(run, model="laser", split="valid")["metrics"]["NDCG@10"] == pytest.approx(by_gate[chosen])
+
+
+RESIDUAL = {"fusion": "gated", "gate_fit": "residual"}  # Laser trains on held-out SASRec + cosine / tau
+
+
+def test_the_heldout_sasrec_never_sees_the_item_each_training_sample_predicts(sasrec_run, llm, tmp_path, monkeypatch):
+    import laser_batch.train_laser as train_laser_module
+    from laser_batch.train import fit_sasrec
+
+    config = small_config(laser=RESIDUAL)
+    _, _, sequences = build_laser(config, sasrec_run, llm)
+    seen = {}
+
+    def recording_fit(config, num_items, train_seqs, valid, progress, **kwargs):
+        seen.update(train_seqs=train_seqs, valid=valid)
+        return fit_sasrec(config, num_items, train_seqs, valid, progress, **kwargs)
+
+    monkeypatch.setattr(train_laser_module, "fit_sasrec", recording_fit)
+    heldout = train_laser_module.heldout_sasrec(config, sequences, tmp_path)
+    train = sequences.train_sequences()
+    assert [s.tolist() for s in seen["train_seqs"]] == [s[:-1].tolist() for s in train]
+    histories, targets = seen["valid"]
+    assert targets.tolist() == [s[-1] for s in train if len(s) >= 2]  # the item `training_samples` predicts
+    assert [h.tolist() for h in histories] == [s[:-1].tolist() for s in train if len(s) >= 2]
+    assert not any(p.requires_grad for p in heldout.parameters())
+
+    # Kept beside the resume state: a second call (a resumed run) loads it instead of fitting again.
+    monkeypatch.setattr(train_laser_module, "fit_sasrec", lambda *a, **k: pytest.fail("fitted twice"))
+    again = train_laser_module.heldout_sasrec(config, sequences, tmp_path)
+    for name, value in heldout.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[name], value)
+
+
+def test_the_residual_loss_offsets_lasers_logits_by_the_heldout_sasrec_and_trains_laser_at_gate_zero(
+        sasrec_run, llm):
+    config = small_config(laser=RESIDUAL)
+    model, inputs, sequences = build_laser(config, sasrec_run, llm)
+    assert "gate" not in dict(model.named_parameters()) and model.gate_value == 0.0
+    items = encode_items(model, inputs, sequences.num_items, batch_size=32)
+    histories, targets = sequences.split("valid")
+    batch = inputs.users(histories)
+    users, lb = model.training_forward(*batch)
+    offsets = torch.randn(len(targets), sequences.num_items) * 3
+    loss = model.loss(users, items, torch.from_numpy(targets), lb, offsets=offsets)
+    expected = F.cross_entropy(offsets + users @ items.T / model.config.temperature, torch.from_numpy(targets) - 1)
+    torch.testing.assert_close(loss, expected + model.config.lb_weight * lb)
+    loss.backward()  # g = 0 at validation does not stop Laser's gradient: it trains against SASRec's scores
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="held-out SASRec"):
+        model.loss(users.detach(), items, torch.from_numpy(targets), lb.detach())
+
+
+def test_a_residual_run_fits_the_gate_on_validation_and_leaves_no_heldout_model_behind(sasrec_run, llm, tmp_path):
+    from laser_batch.laser_state import GATE_GRID
+
+    run = _copy_run(sasrec_run, tmp_path)
+    result = train_laser(run, small_config(laser={**RESIDUAL, "stage1_epochs": 2, "lr": 0.02}), llm=llm)
+    lines = _metrics_lines(run)
+    assert [(r["stage"], r["epoch"]) for r in lines] == [(1, 0), (1, 1), (1, 2), (2, 1)]
+    assert all(r["gate"] in GATE_GRID for r in lines) and result.gate in GATE_GRID
+    sasrec_valid = evaluate_run(run, model="sasrec", split="valid")["metrics"]["NDCG@10"]
+    assert all(r["NDCG@10"] >= sasrec_valid for r in lines)
+    assert not list(run.rglob("heldout_sasrec*"))
+    assert evaluate_run(run, model="laser", split="valid")["metrics"]["NDCG@10"] == pytest.approx(
+        next(r for r in lines if (r["stage"], r["epoch"]) == (result.best_stage, result.best_epoch))["NDCG@10"])
