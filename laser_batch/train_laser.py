@@ -279,10 +279,7 @@ def _train_epoch(training: LaserTraining, items: torch.Tensor, desc: str) -> flo
     total = 0.0
     optimizer.zero_grad(set_to_none=True)
     for i, rows in enumerate(batches):
-        batch = training.inputs.users([histories[r] for r in rows])
-        users, lb_loss = model.training_forward(*batch)
-        loss = model.loss(users, items, torch.from_numpy(targets[rows]), lb_loss, id_history=batch[0],
-                          offsets=training.offsets(batch[0]))
+        loss = training_loss(training, [histories[r] for r in rows], targets[rows], items)
         (loss / cfg.grad_accumulation).backward()
         if (i + 1) % cfg.grad_accumulation == 0 or i + 1 == len(batches):
             optimizer.step()
@@ -293,3 +290,12 @@ def _train_epoch(training: LaserTraining, items: torch.Tensor, desc: str) -> flo
         bar.set_postfix({"loss": f"{total / (i + 1):.4f}"})
     bar.close()
     return total / max(len(batches), 1)
+
+
+def training_loss(training: LaserTraining, histories: list[np.ndarray], targets: np.ndarray,
+                  items: torch.Tensor) -> torch.Tensor:
+    """One batch's loss (before backward): the user side's training forward against the item matrix `items`."""
+    batch = training.inputs.users(histories)
+    users, lb_loss = training.model.training_forward(*batch)
+    return training.model.loss(users, items, torch.from_numpy(targets), lb_loss, id_history=batch[0],
+                               offsets=training.offsets(batch[0]))
