@@ -331,6 +331,26 @@ def cuda_table(results_dir: Path) -> str:
                               f"Command: `{r['command']}`.")
 
 
+def incremental_table(results_dir: Path) -> str:
+    """An incremental night (`score --previous`) against a full run of the same night (benchmarks/incremental.py)."""
+    path = results_dir / "incremental.json"
+    if not path.exists():
+        return "(no results yet: run python benchmarks/incremental.py)"
+    r = json.loads(path.read_text())
+    c, same = r["configuration"], r["incremental_vs_full"]
+    rows = ["| night 2 run | users scored | reused | encoded | wall time | job time |", "|---|---|---|---|---|---|"]
+    for key, label in (("night2_full", "full run"), ("night2_incremental", "`--previous` night 1")):
+        n = r[key]
+        rows.append(f"| {label} | {n['users_scored']:,} | {n['reused']:,} | {n['encoded']:,} | "
+                    f"{n['wall_seconds']:.1f} s | {n['job_seconds']:.1f} s |")
+    return "\n".join(rows) + (
+        f"\n\n{c['users']:,} synthetic users, {c['changed_users']:,} ({c['changed_share']:.0%}) with new activity; "
+        f"speed-up {r['speedup_wall']}x (wall time, process start included). Incremental vs full: same users, ranks "
+        f"and items: {'yes' if same['same_users_ranks_items'] else 'NO'}, largest score difference "
+        f"{same['max_abs_score_difference']:.1e}. Model: {r['model']}. Measured on {r['machine']['cpu']}, "
+        f"{c['threads']} threads. Command: `{r['command']}`.")
+
+
 # Which tables each file holds, in order.
 TABLES = {
     "README.md": (("headline", headline_table),),
@@ -338,7 +358,8 @@ TABLES = {
         ("sasrec", sasrec_table), ("laser-scientific", laser_scientific_table),
         ("laser", laser_table), ("laser-proxy", laser_proxy_table),
         ("laser-bypass", laser_bypass_table), ("export", export_table), ("topk-sensitivity", sensitivity_table),
-        ("score", score_table), ("score-ray", score_ray_table), ("cuda", cuda_table),
+        ("score", score_table), ("score-ray", score_ray_table), ("incremental", incremental_table),
+        ("cuda", cuda_table),
     ),
 }
 
