@@ -1,17 +1,19 @@
 """Incremental nights: `laser-batch score --previous` against a full run of the same night, side by side.
 
-    python benchmarks/incremental.py [--users 100000] [--changed 0.01] [--threads 2]
+    python benchmarks/incremental.py [--users 100000] [--changed 0.01] [--threads 2] [--model laser|sasrec]
 
 100k users through SmolLM2 do not fit this 2-core CPU's time, so the model is the embedded example's: the
 synthetic example data set (`laser-batch data example`) and a Laser run on it with the embedded tiny LLM
-(`examples/laser.toml`, the README's first command), exported to ONNX. The users are synthetic too: the example's
+(`examples/laser.toml`, the README's first command), exported to ONNX. `--model sasrec` exports only that run's
+SASRec stage (trained alone, `examples/sasrec.toml`): the same job without the LLM, for a CPU that another job
+keeps busy. The users are synthetic too: the example's
 users' histories repeated under new ids up to `--users`. Night 2 gives `--changed` of them (drawn with a fixed seed)
 one more item; night 1 is scored in full and is night 2's `--previous`. Night 2 is then scored twice, in full and
 incrementally, each in a fresh `laser-batch score` process; the outputs are compared (same users, ranks and items;
 largest score difference).
 
 Resumable: every step leaves its result in benchmarks/work/incremental/ and is skipped when it is there (a killed
-score run is finished with --resume). Writes benchmarks/results/incremental.json.
+score run is finished with --resume). Writes benchmarks/results/incremental.json (one entry per --model).
 """
 
 from __future__ import annotations
@@ -31,22 +33,30 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORK = HERE / "work" / "incremental"
 CLI = [sys.executable, "-m", "laser_batch.cli"]
+MODELS = {
+    "laser": "Laser with the embedded tiny LLM trained on the embedded example (laser-batch data example, "
+             "examples/laser.toml), exported to ONNX; not SmolLM2, which is too slow for 100k users on this CPU",
+    "sasrec": "SASRec-only artefacts of the embedded example (laser-batch data example, examples/sasrec.toml, export "
+              "--model sasrec): no LLM, so encoding is cheap and the gain of reuse is a lower bound of Laser's",
+}
 
 
 def _run(args: list[str]) -> None:
     subprocess.run([*CLI, *args], check=True, cwd=ROOT)
 
 
-def example_artifacts(work: Path) -> Path:
-    """The README's first command up to `export`: example data, Laser with the tiny LLM, ONNX artefacts."""
-    data, run, artifacts = work / "data", work / "run", work / "artifacts"
+def example_artifacts(work: Path, model: str) -> Path:
+    """The README's first command up to `export`: example data, Laser with the tiny LLM (or SASRec alone), ONNX
+    artefacts."""
+    data, run, artifacts = work / "data", work / f"run_{model}", work / f"artifacts_{model}"
     if not (data / "interactions.parquet").exists():
         _run(["data", "example", "--out", str(data)])
-    if not (run / "laser").exists():
-        _run(["train", "--stage", "all", "--data", str(data), "--out", str(run), "--config",
-              str(ROOT / "examples" / "laser.toml"), "--overwrite"])
+    if not (run / model).exists():
+        stage, config = ("all", "laser.toml") if model == "laser" else ("sasrec", "sasrec.toml")
+        _run(["train", "--stage", stage, "--data", str(data), "--out", str(run), "--config",
+              str(ROOT / "examples" / config), "--overwrite"])
     if not (artifacts / "manifest.json").exists():
-        _run(["export", str(run), "--out", str(artifacts), "--overwrite"])
+        _run(["export", str(run), "--out", str(artifacts), "--model", model, "--overwrite"])
     return artifacts
 
 
@@ -103,10 +113,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=WORK)
+    parser.add_argument("--model", choices=["laser", "sasrec"], default="laser")
     args = parser.parse_args()
-    work = args.work / f"{args.users}_{args.changed}"
+    work = args.work / f"{args.model}_{args.users}_{args.changed}"
     work.mkdir(parents=True, exist_ok=True)
-    artifacts = example_artifacts(args.work)
+    artifacts = example_artifacts(args.work, args.model)
     night1, night2, changed = nights(args.work / "data", work, args.users, args.changed, args.seed)
     first = score(night1, artifacts, work / "recs1", args.threads)
     full = score(night2, artifacts, work / "recs2_full", args.threads)
@@ -117,16 +128,16 @@ def main() -> None:
         "machine": machine(),
         "configuration": {"users": args.users, "changed_share": args.changed, "changed_users": changed,
                           "threads": args.threads, "seed": args.seed, "top_k": 20, "chunk_size": 50_000},
-        "model": "Laser with the embedded tiny LLM trained on the embedded example (laser-batch data example, "
-                 "examples/laser.toml), exported to ONNX; not SmolLM2, which is too slow for 100k users on this CPU",
+        "model": MODELS[args.model],
         "users": "synthetic: the example's users' histories repeated under new ids; night 2 appends one random "
                  "catalogue item to the changed users' histories",
         "night1_full": first, "night2_full": full, "night2_incremental": incremental,
         "speedup_wall": round(full["wall_seconds"] / incremental["wall_seconds"], 2),
         "incremental_vs_full": compare(work / "recs2_incremental", work / "recs2_full"),
     }
-    out = HERE / "results" / "incremental.json"
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = HERE / "results" / "incremental.json"  # one entry per model; a run replaces its model's entry
+    runs = json.loads(out.read_text())["runs"] if out.exists() else {}
+    out.write_text(json.dumps({"runs": {**runs, args.model: record}}, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
 

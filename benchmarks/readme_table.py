@@ -336,19 +336,21 @@ def incremental_table(results_dir: Path) -> str:
     path = results_dir / "incremental.json"
     if not path.exists():
         return "(no results yet: run python benchmarks/incremental.py)"
-    r = json.loads(path.read_text())
-    c, same = r["configuration"], r["incremental_vs_full"]
-    rows = ["| night 2 run | users scored | reused | encoded | wall time | job time |", "|---|---|---|---|---|---|"]
-    for key, label in (("night2_full", "full run"), ("night2_incremental", "`--previous` night 1")):
-        n = r[key]
-        rows.append(f"| {label} | {n['users_scored']:,} | {n['reused']:,} | {n['encoded']:,} | "
-                    f"{n['wall_seconds']:.1f} s | {n['job_seconds']:.1f} s |")
-    return "\n".join(rows) + (
-        f"\n\n{c['users']:,} synthetic users, {c['changed_users']:,} ({c['changed_share']:.0%}) with new activity; "
-        f"speed-up {r['speedup_wall']}x (wall time, process start included). Incremental vs full: same users, ranks "
-        f"and items: {'yes' if same['same_users_ranks_items'] else 'NO'}, largest score difference "
-        f"{same['max_abs_score_difference']:.1e}. Model: {r['model']}. Measured on {r['machine']['cpu']}, "
-        f"{c['threads']} threads. Command: `{r['command']}`.")
+    rows = ["| model | night 2 run | users scored | reused | encoded | wall time | job time | same users, ranks, "
+            "items as full | largest score difference |", "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, r in json.loads(path.read_text())["runs"].items():
+        c, same = r["configuration"], r["incremental_vs_full"]
+        for key, label in (("night2_full", "full run"), ("night2_incremental", "`--previous` night 1")):
+            n = r[key]
+            check = ("yes" if same["same_users_ranks_items"] else "NO", f"{same['max_abs_score_difference']:.1e}")
+            rows.append(f"| {name} | {label} | {n['users_scored']:,} | {n['reused']:,} | {n['encoded']:,} | "
+                        f"{n['wall_seconds']:.1f} s | {n['job_seconds']:.1f} s | "
+                        + (" | ".join(check) if key == "night2_incremental" else " | ") + " |")
+        notes.append(f"{name}: {c['users']:,} synthetic users, {c['changed_users']:,} ({c['changed_share']:.0%}) "
+                     f"with new activity, speed-up {r['speedup_wall']}x in wall time (process start included); "
+                     f"{r['model']}; measured on {r['machine']['cpu']}, {c['threads']} threads; `{r['command']}`.")
+    return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
 
 
 # Which tables each file holds, in order.
