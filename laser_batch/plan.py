@@ -70,7 +70,7 @@ def plan_job(users_path: str | Path, artifacts: str | Path, out: str | Path, **o
         plan.update(previous=opts.previous, rescore_reason=setup.reason, reusable_users=reusable)
     to_encode = rows - reusable
     plan.update(users_to_encode=to_encode,
-                estimated_seconds=round(to_encode / rate, 1) if rate else None,
+                estimated_seconds=round(to_encode / rate, 3) if rate else None,
                 estimated_output_bytes=int(per_user * rows), writes="nothing (dry run)")
     return plan
 
