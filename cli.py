@@ -32,7 +32,7 @@ app.add_typer(data_app, name="data")
 items_app = typer.Typer(help="Change the catalogue of exported artefacts without retraining.", no_args_is_help=True)
 app.add_typer(items_app, name="items")
 
-_state = {"debug": False}
+_state = {"debug": False, "quiet": False}
 logger = logging.getLogger("laser_batch")
 
 
@@ -99,6 +99,7 @@ def _main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
 ) -> None:
     _state["debug"] = debug
+    _state["quiet"] = quiet
     if not logger.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
@@ -110,6 +111,38 @@ def _progress(*, total: int, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="seq", leave=False, dynamic_ncols=True, disable=None)
+
+
+class _ScoreProgress:
+    """`score`'s progress: a tqdm bar (users/s, ETA) on a terminal, a log line per chunk otherwise, nothing with
+    --quiet. Called by the engine after each chunk (`laser_batch.job.Progress`); resumed chunks count as done."""
+
+    def __init__(self) -> None:
+        self.bar, self.started, self.first = None, 0.0, 0
+
+    def __call__(self, progress) -> None:
+        import time
+
+        if _state["quiet"]:
+            return
+        if self.bar is None and not self.started:
+            self.started, self.first = time.perf_counter(), progress.done - progress.users
+            if sys.stderr.isatty():
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=progress.total, initial=self.first, desc="score", unit="users",
+                                dynamic_ncols=True, leave=False)
+        if self.bar is not None:
+            self.bar.update(progress.users)
+            return
+        rate = (progress.done - self.first) / max(time.perf_counter() - self.started, 1e-9)
+        left = (progress.total - progress.done) / rate if rate else 0
+        logger.info("chunk %d/%d: %d/%d users, %.1f users/s, ETA %.0f s", progress.chunk + 1, progress.chunks,
+                    progress.done, progress.total, rate, left)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @data_app.command("convert")
@@ -397,8 +430,31 @@ def score(
     layout: Annotated[Layout, typer.Option(
         "--layout", help="long: one row per (user, rank); list: one row per user with item_ids and scores as "
         "lists.", rich_help_panel="Output")] = Layout.long,
+    previous: Annotated[str | None, typer.Option(
+        "--previous", help="Last night's output directory: users whose history and options are unchanged get its "
+        "rows copied instead of being encoded (the summary counts reused and scored).",
+        rich_help_panel="Incremental")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check inputs, artefacts, options and filters, time a probe batch of real users and print "
+        "the plan (users, chunks, estimated time and output size); writes nothing.")] = False,
 ) -> None:
     """The nightly batch job on ONNX Runtime (torch-free): top-K recommendations for every user."""
+    options = dict(interactions=interactions, top_k=top_k, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                   device=device.value, threads=threads, include_history=include_history, variant=variant,
+                   chunk_size=chunk_size, resume=resume, overwrite=overwrite,
+                   expect_manifest_sha256=expect_manifest_sha256, allow_items=allow_items, deny_items=deny_items,
+                   item_filter=item_filter, exclude=exclude, backfill=backfill.value, explain=explain,
+                   with_item_columns=with_item_columns or (), score=score_kind.value, layout=layout.value,
+                   previous=previous)
+    if dry_run:
+        with _errors():
+            from laser_batch.plan import plan_job
+
+            plan = plan_job(users, model, out, **options)
+        for key, value in plan.items():
+            typer.echo(f"{key:<24} {value}")
+        return
+    progress = _ScoreProgress()
     with _errors():
         if engine is Engine.ray:  # the same job and keywords on Ray Data, plus the cluster's options
             from functools import partial
@@ -411,16 +467,18 @@ def score(
         else:
             from laser_batch.score import score_users
 
-        summary = score_users(users, model, out, interactions=interactions, top_k=top_k, batch_size=batch_size,
-                              max_batch_tokens=max_batch_tokens, device=device.value, threads=threads,
-                              include_history=include_history, variant=variant, chunk_size=chunk_size, resume=resume,
-                              overwrite=overwrite, expect_manifest_sha256=expect_manifest_sha256,
-                              allow_items=allow_items, deny_items=deny_items, item_filter=item_filter, exclude=exclude,
-                              backfill=backfill.value, explain=explain, with_item_columns=with_item_columns or (),
-                              score=score_kind.value, layout=layout.value)
+        try:
+            summary = score_users(users, model, out, on_chunk=progress, **options)
+        finally:
+            progress.close()
     rejected = sum(summary["users_rejected"].values())
-    typer.echo(f"{out}: {summary['users_scored']} users scored, {rejected} rejected, "
+    incremental = summary["incremental"]
+    reused = (f" ({incremental['reused']} reused from {previous}, {incremental['scored']} encoded)"
+              if previous and not incremental["rescore_reason"] else "")
+    typer.echo(f"{out}: {summary['users_scored']} users scored{reused}, {rejected} rejected, "
                f"{summary['users_per_second']} users/s on {summary['provider']}")
+    if incremental["rescore_reason"]:
+        typer.echo(f"every user was scored: {incremental['rescore_reason']}")
     if show:
         _show(Path(out), Path(model), show, layout.value)
 

@@ -331,6 +331,28 @@ def cuda_table(results_dir: Path) -> str:
                               f"Command: `{r['command']}`.")
 
 
+def incremental_table(results_dir: Path) -> str:
+    """An incremental night (`score --previous`) against a full run of the same night (benchmarks/incremental.py)."""
+    path = results_dir / "incremental.json"
+    if not path.exists():
+        return "(no results yet: run python benchmarks/incremental.py)"
+    rows = ["| model | night 2 run | users scored | reused | encoded | wall time | job time | same users, ranks, "
+            "items as full | largest score difference |", "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, r in json.loads(path.read_text())["runs"].items():
+        c, same = r["configuration"], r["incremental_vs_full"]
+        for key, label in (("night2_full", "full run"), ("night2_incremental", "`--previous` night 1")):
+            n = r[key]
+            check = ("yes" if same["same_users_ranks_items"] else "NO", f"{same['max_abs_score_difference']:.1e}")
+            rows.append(f"| {name} | {label} | {n['users_scored']:,} | {n['reused']:,} | {n['encoded']:,} | "
+                        f"{n['wall_seconds']:.1f} s | {n['job_seconds']:.1f} s | "
+                        + (" | ".join(check) if key == "night2_incremental" else " | ") + " |")
+        notes.append(f"{name}: {c['users']:,} synthetic users, {c['changed_users']:,} ({c['changed_share']:.0%}) "
+                     f"with new activity, speed-up {r['speedup_wall']}x in wall time (process start included); "
+                     f"{r['model']}; measured on {r['machine']['cpu']}, {c['threads']} threads; `{r['command']}`.")
+    return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
+
+
 # Which tables each file holds, in order.
 TABLES = {
     "README.md": (("headline", headline_table),),
@@ -338,7 +360,8 @@ TABLES = {
         ("sasrec", sasrec_table), ("laser-scientific", laser_scientific_table),
         ("laser", laser_table), ("laser-proxy", laser_proxy_table),
         ("laser-bypass", laser_bypass_table), ("export", export_table), ("topk-sensitivity", sensitivity_table),
-        ("score", score_table), ("score-ray", score_ray_table), ("cuda", cuda_table),
+        ("score", score_table), ("score-ray", score_ray_table), ("incremental", incremental_table),
+        ("cuda", cuda_table),
     ),
 }
 

@@ -56,6 +56,11 @@ class Restrictions:
     excluded: list[np.ndarray]
     candidates: list[np.ndarray | None]
 
+    def keep(self, mask: np.ndarray) -> Restrictions:
+        """The restrictions of the rows where `mask` (bool, one per row) holds."""
+        return Restrictions([e for e, m in zip(self.excluded, mask, strict=True) if m],
+                            [c for c, m in zip(self.candidates, mask, strict=True) if m])
+
 
 @dataclass
 class ItemFilters:

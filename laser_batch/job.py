@@ -5,6 +5,7 @@ treat OUT the same way, and write the same files:
 
     OUT/_job.json                    the job's input and options (a resumed job must match them)
     OUT/part-00000.parquet ...       user_id, rank, item_id, score (written by the engine's loop)
+    OUT/_fingerprints/part-00000.parquet ...   user_id, fingerprint of the part's users (`laser_batch.incremental`)
     OUT/rejects.parquet              user_id, reason (one of REJECT_REASONS)
     OUT/summary.json                 counts, rejects by reason, users/s, tokens/s, padding efficiency, provider
     OUT/_SUCCESS                     written last: nothing in OUT counts before it
@@ -20,6 +21,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 import pyarrow.fs as pafs
@@ -66,6 +68,8 @@ class JobOptions:
         expect_manifest_sha256: refuse artefacts whose manifest.json has another sha256, before any user is read.
         allow_items, deny_items, item_filter, exclude, backfill: business filters (`laser_batch.filters`).
         explain, with_item_columns, score, layout: what the output holds and how (`laser_batch.output`).
+        previous: a previous output whose rows are copied for users whose fingerprint is unchanged
+            (`laser_batch.incremental`); None: every user is encoded.
     """
 
     top_k: int = 20
@@ -90,6 +94,7 @@ class JobOptions:
     with_item_columns: str | tuple[str, ...] = ()
     score: str = "cosine"
     layout: str = "long"
+    previous: str | None = None
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -128,7 +133,26 @@ class JobOptions:
         return {**input_description, "interactions": self.interactions, "manifest_sha256": manifest_sha256,
                 "top_k": self.top_k, "include_history": self.include_history, "variant": self.variant,
                 "chunk_size": self.chunk_size, "filters": filters.options_record(self),
-                "output": output.options_record(self)}
+                "output": output.options_record(self),
+                "previous": str(Path(self.previous).resolve()) if self.previous and "://" not in self.previous
+                else self.previous}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What an engine tells its `on_chunk` hook after each committed chunk (Ray: each finished batch).
+
+    Attributes:
+        chunk, chunks: the chunk just committed (0-based) and how many the job has (Ray: an estimate).
+        users: input rows of that chunk; done: input rows of every finished chunk (resumed ones included);
+        total: the input's rows.
+    """
+
+    chunk: int
+    chunks: int
+    users: int
+    done: int
+    total: int
 
 
 def check_out(fs, root: str, shown: str, *, resume: bool, overwrite: bool) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -42,6 +44,8 @@ from laser_batch.contracts import first_line
 from laser_batch.errors import EngineError, InputError, LaserBatchError
 from laser_batch.files import atomic_write
 from laser_batch.filters import CANDIDATES
+from laser_batch.incremental import FINGERPRINTS, Setup, fingerprints, side_file
+from laser_batch.incremental import prepare as prepare_incremental
 from laser_batch.inputs import (
     check_users_schema,
     duplicated_users,
@@ -114,13 +118,13 @@ class _Scorer:
     """A Ray Data actor: Recommender loaded once; each call scores a batch and writes its part file to staging."""
 
     def __init__(self, *, artifacts: str, staging: str, drop: pl.Series | None, options: dict, registry,
-                 fault: dict | None = None) -> None:
+                 key: bytes, fault: dict | None = None) -> None:
         import ray
 
         registry.add.remote(ray.get_runtime_context().current_actor)
         self.recommender = Recommender(local_artifacts(artifacts), **options)
         self.fs, self.staging = filesystem(staging)
-        self.drop, self.fault = drop, fault
+        self.drop, self.fault, self.key = drop, fault, key
 
     def __call__(self, batch):
         import pyarrow as pa
@@ -128,8 +132,11 @@ class _Scorer:
         users = pl.from_arrow(batch)
         if self.drop is not None:  # every row of a duplicated user is handled by the driver
             users = users.filter(~(pl.col("user_id").is_in(self.drop.implode()).fill_null(False)))
-        recs, rejects, stats = self.recommender.recommend(users)
+        prints = fingerprints(users, self.key)
+        recs, rejects, stats = self.recommender.recommend(users, fingerprints=prints)
         name = uuid.uuid4().hex
+        atomic_write(f"{self.staging}/fingerprints-{name}.parquet", side_file(users, prints, recs).write_parquet,
+                     fs=self.fs)
         atomic_write(f"{self.staging}/part-{name}.parquet", recs.write_parquet, fs=self.fs)
         rejects_name = ""
         if rejects.height:
@@ -160,7 +167,8 @@ def _read(fs, path: str) -> pl.DataFrame:
 
 
 def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_address: str | None = None,
-              workers: int = 0, gpus_per_worker: float | None = None, **options) -> dict:
+              workers: int = 0, gpus_per_worker: float | None = None,
+              on_chunk: Callable[[job.Progress], None] | None = None, **options) -> dict:
     """Run the job on Ray Data and write OUT as the local engine does; returns the summary.
 
     Args:
@@ -169,6 +177,7 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
             else a local cluster). A Ray session already started in this process is used as it is.
         workers: scorer actors (0: one per GPU, or one per `threads` CPUs leaving one CPU for reading).
         gpus_per_worker: GPUs reserved per actor (None: 1 when the cluster has GPUs and device is auto/cuda).
+        on_chunk: called with a `job.Progress` after each finished batch (in the order they finish).
         options: the fields of `laser_batch.job.JobOptions`, as for `laser_batch.score.score_users`; `threads` 0
             means one ONNX Runtime thread per CPU reserved for an actor.
 
@@ -193,6 +202,7 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
     prepared = opts.item_filters(model)  # read and checked here, once; the actors get the result
     prepared.check_input(schema, users)
     output = opts.output_options(model)
+    setup = prepare_incremental(opts, manifest_sha256(model), schema, str(out))  # --previous checked before Ray
     columns = ["user_id", "history", *([CANDIDATES] if CANDIDATES in schema and not opts.interactions else [])]
     if opts.interactions:  # grouped into users below, once OUT is prepared
         rows, dups = row_count(in_fs, files), pl.DataFrame()
@@ -217,7 +227,7 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
         workers = (max(1, int(resources.get("GPU", 0) // gpus_per_worker)) if gpus_per_worker
                    else max(1, int(resources.get("CPU", 1) // cpus) - 1))
     options = {**opts.recommender(), "threads": threads or cpus, "device": "cuda" if gpus_per_worker else "cpu",
-               "filters": prepared, "output": output}
+               "filters": prepared, "output": output, "previous": setup.previous}
     attempt = f"{STAGING}/{uuid.uuid4().hex[:12]}"
     staging = f"{root}/{attempt}"  # on out_fs; the actors open it from its location
     out_fs.create_dir(staging)
@@ -242,9 +252,16 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
         # that dies every time fails the job instead of looping.
         max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_ACTOR_RESTARTS,
         fn_constructor_kwargs={"artifacts": location, "staging": staging_location, "drop": drop, "options": options,
-                               "registry": registry, "fault": _FAULT})
+                               "registry": registry, "key": setup.key, "fault": _FAULT})
+    results, done, expected = [], 0, math.ceil(rows / opts.chunk_size)
     try:
-        results = list(dataset.iter_rows())
+        for result in dataset.iter_rows():
+            results.append(result)
+            users_in = json.loads(result["stats"])["users_in"]
+            done += users_in
+            if on_chunk is not None:
+                on_chunk(job.Progress(chunk=len(results) - 1, chunks=max(len(results), expected), users=users_in,
+                                      done=done, total=rows))
     except Exception as e:
         for handle in ray.get(registry.all.remote()):  # free their CPUs/GPUs for the next job now
             ray.kill(handle, no_restart=True)
@@ -252,10 +269,10 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
     finally:
         ray.kill(registry)
     if dups.height:
-        results.append(_score_duplicates(dups, model, options, out_fs, staging))
+        results.append(_score_duplicates(dups, model, options, out_fs, staging, setup.key))
     return _commit(out_fs, root, staging, results, rows, started, model=str(artifacts), top_k=opts.top_k,
                    manifest_sha256=record["manifest_sha256"], workers=workers, gpus_per_worker=gpus_per_worker,
-                   kind=_kind(model), filters=prepared.info)
+                   kind=_kind(model), filters=prepared.info, setup=setup)
 
 
 def _connect(ray, address: str | None) -> None:
@@ -287,17 +304,20 @@ def _kind(model: Path) -> str:
     return json.loads((model / MANIFEST).read_text())["kind"]
 
 
-def _score_duplicates(dups: pl.DataFrame, model: Path, options: dict, fs, staging: str) -> dict:
+def _score_duplicates(dups: pl.DataFrame, model: Path, options: dict, fs, staging: str, key: bytes) -> dict:
     """On the driver: the first row of each duplicated user is scored, the later rows are rejects."""
     first = dups.filter(pl.col("user_id").is_first_distinct())
     later = dups.filter(~pl.col("user_id").is_first_distinct())
     recommender = Recommender(model, **{**options, "device": "cpu", "threads": 0})
-    recs, rejects, stats = recommender.recommend(first.drop("_pos"))
+    first = first.drop("_pos")
+    prints = fingerprints(first, key)
+    recs, rejects, stats = recommender.recommend(first, fingerprints=prints)
     rejects = pl.concat([rejects, later.select("user_id", reason=pl.lit("duplicate user"))])
     stats = Counter(stats)
     stats["users_in"] += later.height
     stats["rejected:duplicate user"] += later.height
     name = uuid.uuid4().hex
+    atomic_write(f"{staging}/fingerprints-{name}.parquet", side_file(first, prints, recs).write_parquet, fs=fs)
     atomic_write(f"{staging}/part-{name}.parquet", recs.write_parquet, fs=fs)
     atomic_write(f"{staging}/rejects-{name}.parquet", rejects.write_parquet, fs=fs)
     return {"part": f"part-{name}.parquet", "rejects": f"rejects-{name}.parquet", "stats": json.dumps(stats),
@@ -305,15 +325,18 @@ def _score_duplicates(dups: pl.DataFrame, model: Path, options: dict, fs, stagin
 
 
 def _commit(fs, root: str, staging: str, results: list[dict], rows: int, started: float, *, kind: str,
-            **info) -> dict:
+            setup: Setup, **info) -> dict:
     """Move the listed part files into OUT, then the job core's commit (rejects, summary, staging gone, _SUCCESS)."""
     totals: Counter = Counter()
     for r in results:
         totals.update(json.loads(r["stats"]))
     summary = job.summarize(totals, rows=rows, chunks=len(results), seconds=time.perf_counter() - started,
                             provider=results[0]["provider"], providers=sorted({r["provider"] for r in results}),
-                            engine="ray", model_kind=kind, **info)
+                            engine="ray", model_kind=kind, **info, incremental=setup.summary(totals))
+    fs.create_dir(f"{root}/{FINGERPRINTS}")
     for k, r in enumerate(results):  # files of attempts that died are not listed and go with the staging
+        fs.move(f"{staging}/{r['part'].replace('part-', 'fingerprints-', 1)}",
+                f"{root}/{FINGERPRINTS}/part-{k:05d}.parquet")
         fs.move(f"{staging}/{r['part']}", f"{root}/part-{k:05d}.parquet")
     rejects = [_read(fs, f"{staging}/{r['rejects']}") for r in results if r["rejects"]]
     job.commit(fs, root, rejects, summary, scratch=f"{root}/{STAGING}")

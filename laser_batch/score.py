@@ -36,8 +36,10 @@ from laser_batch import job, metrics
 from laser_batch.artifacts import ITEM_IDS, ITEM_MATRIX, Embedder, check_manifest_sha256, manifest_sha256
 from laser_batch.files import atomic_write
 from laser_batch.filters import ItemFilters
+from laser_batch.incremental import FINGERPRINTS, Previous, Setup, copied_counts, fingerprints, merge, side_file
+from laser_batch.incremental import prepare as prepare_incremental
 from laser_batch.inputs import check_users_schema, filesystem, group_interactions, input_files
-from laser_batch.job import DEFAULT_MAX_BATCH_TOKENS, JobOptions
+from laser_batch.job import DEFAULT_MAX_BATCH_TOKENS, JobOptions, Progress
 from laser_batch.output import BECAUSE, OutputOptions
 from laser_batch.sequences import length_batches
 
@@ -67,12 +69,15 @@ class Recommender:
         filters: business filters and backfill (`laser_batch.filters.prepare`); None: none.
         output: explanations, item columns, score scale and layout (`laser_batch.output.prepare`); None: the plain
             long output.
+        previous: a previous output's fingerprints (`laser_batch.incremental`): `recommend` copies the rows of the
+            users whose fingerprint it holds instead of encoding them; None: every user is encoded.
     """
 
     def __init__(self, artifacts: Path, *, top_k: int = 20, batch_size: int = 64,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, device: str = "auto", threads: int = 0,
                  include_history: bool = False, variant: str = "", io_binding: bool | None = None,
-                 filters: ItemFilters | None = None, output: OutputOptions | None = None) -> None:
+                 filters: ItemFilters | None = None, output: OutputOptions | None = None,
+                 previous: Previous | None = None) -> None:
         job.check_positive({"--top-k": top_k, "--batch-size": batch_size, "--max-batch-tokens": max_batch_tokens})
         self.artifacts = Path(artifacts)
         self.embedder = Embedder(self.artifacts, device=device, threads=threads, variant=variant,
@@ -88,19 +93,22 @@ class Recommender:
         self.manifest_sha256 = manifest_sha256(self.artifacts)
         self.filters = filters if filters is not None else ItemFilters()
         self.output = output if output is not None else OutputOptions()
+        self.previous = previous
 
     @property
     def item_id_dtype(self) -> pl.DataType:
         return self.item_ids.dtype
 
-    def recommend(self, users: pl.DataFrame, seen: SeenUsers | None = None) -> tuple[pl.DataFrame, pl.DataFrame,
-                                                                                     dict]:
+    def recommend(self, users: pl.DataFrame, seen: SeenUsers | None = None, fingerprints: pl.Series | None = None
+                  ) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
         """Top-K recommendations for a batch of users.
 
         Args:
             users: `user_id` + `history` (list of original item ids, oldest first), and optionally `candidates`
                 (list of item ids: rank only these; null: every item).
             seen: the user ids met before this batch (their rows are duplicates).
+            fingerprints: each row's fingerprint (`incremental.fingerprints`); with `previous`, the users whose
+                fingerprint is unchanged get their previous rows (counted as `reused`).
 
         Returns:
             (recommendations: user_id, rank, item_id, score (+ source with backfill, because_item_id, item columns;
@@ -128,6 +136,15 @@ class Recommender:
             users["user_id"].gather(rows),
             users[item_filters.CANDIDATES].gather(rows) if item_filters.CANDIDATES in users.columns else None,
             self.id_map, stats)
+        order = pl.DataFrame({"user_id": users["user_id"].gather(rows), "_row": rows})
+        copied = None
+        if self.previous is not None and fingerprints is not None and len(rows):
+            hit = self.previous.matches(order["user_id"], fingerprints.gather(rows))
+            if hit.any():  # these users skip the model: their rows are last night's
+                copied = self.previous.rows(order["user_id"].filter(pl.Series(hit)))
+                rows, histories = rows[~hit], [h for h, h_ok in zip(histories, ~hit, strict=True) if h_ok]
+                restrictions = restrictions.keep(~hit)
+                stats["reused"] = int(hit.sum())
         if len(rows):
             top, scores, filled, backfilled = self._top_k(histories, stats, restrictions)
         else:
@@ -145,12 +162,17 @@ class Recommender:
             "user_id": users.schema["user_id"], "reason": pl.String})
         for r, n in Counter(reason[rejected].tolist()).items():
             stats[f"rejected:{r}"] = n
-        stats["scored"] = len(rows)
+        stats["scored"] = len(rows) + stats["reused"]
         stats["short_of_k"] = int((filled.sum(1) < self.top_k).sum())  # fewer eligible items than K: all of them
         if self.filters.backfill:
             stats["backfilled_users"] = int(backfilled.any(1).sum())
             stats["backfill_items"] = int(backfilled.sum())
-        return self._frame(users["user_id"], rows, top, scores, filled, backfilled, histories), rejects, dict(stats)
+        recs = self._frame(users["user_id"], rows, top, scores, filled, backfilled, histories)
+        if copied is not None:
+            stats.update(copied_counts(copied, top_k=self.top_k, layout=self.output.layout,
+                                       backfill=self.filters.backfill))
+            recs = merge(recs, copied, order)
+        return recs, rejects, dict(stats)
 
     def _frame(self, user_ids: pl.Series, rows: np.ndarray, top: np.ndarray, scores: np.ndarray, filled: np.ndarray,
                backfilled: np.ndarray, histories: list[np.ndarray]) -> pl.DataFrame:
@@ -223,29 +245,21 @@ class Recommender:
         return top, best, filled, backfilled
 
 
-def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Callable[[int, int], None] | None = None,
+def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Callable[[Progress], None] | None = None,
                 **options) -> dict:
     """Run the job over `users_path` (or grouped interactions) and write OUT_DIR; returns the summary.
 
     `users_path` is one Parquet file or a directory of Parquet files with one schema (`laser_batch.inputs`), read as
     their concatenation in name order. A resumed job must see the same files, sizes and modification times.
     `options`: the fields of `laser_batch.job.JobOptions` (top_k, batch_size, ..., resume, overwrite,
-    expect_manifest_sha256); `on_chunk(k, chunks)` is called after chunk k is committed.
+    expect_manifest_sha256, previous); `on_chunk(progress)` is called after each chunk is committed.
     """
     opts = JobOptions(**options)
     users_path, out = Path(users_path), Path(out)
     started = time.perf_counter()
     fs, root = filesystem(str(out))
     job.check_out(fs, root, str(out), resume=opts.resume, overwrite=opts.overwrite)  # before any model work
-    if opts.expect_manifest_sha256 is not None:
-        check_manifest_sha256(Path(artifacts), opts.expect_manifest_sha256)
-    schema = check_users_schema(users_path, interactions=opts.interactions)
-    prepared = opts.item_filters(Path(artifacts))
-    prepared.check_input(schema, users_path)
-    output = opts.output_options(Path(artifacts))
-    recommender = Recommender(artifacts, **opts.recommender(), filters=prepared, output=output)
-    check_users_schema(users_path, recommender.item_id_dtype, interactions=opts.interactions)
-    files = input_files(users_path)
+    recommender, setup, files = prepare_job(users_path, Path(artifacts), out, opts)
     record = opts.record({"input": str(users_path.resolve()), "input_files": [
         [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}, recommender.manifest_sha256)
     job.open_out(fs, root, str(out), record, resume=opts.resume, keep_finished=True)
@@ -255,26 +269,51 @@ def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Calla
     job.check_rows(rows, users_path)
     chunks = max(1, math.ceil(rows / chunk_size))
     (out / STATS_DIR).mkdir(exist_ok=True)
+    (out / FINGERPRINTS).mkdir(exist_ok=True)
     done = [k for k in range(chunks) if (out / _part(k)).exists()]
     first_open = next((k for k in range(chunks) if k not in set(done)), chunks)
     seen = _seen_before(source, first_open * chunk_size)
-    logger.info("scoring %d users in %d chunk(s) of %d on %s%s", rows, chunks, chunk_size,
-                recommender.providers[0], f" (resuming: {len(done)} done)" if done else "")
+    finished = sum(min(chunk_size, rows - k * chunk_size) for k in done)
+    logger.info("scoring %d users in %d chunk(s) of %d on %s%s%s", rows, chunks, chunk_size,
+                recommender.providers[0], f" (resuming: {len(done)} done)" if done else "",
+                f"; reusing unchanged users of {opts.previous}" if setup.previous is not None
+                else f"; every user is scored: {setup.reason}" if setup.reason else "")
     for k in range(chunks):
         if (out / _part(k)).exists():
             continue
         users = pl.scan_parquet(source).slice(k * chunk_size, chunk_size).collect()
         if k != first_open:  # chunks finish in order; a later finished one cannot precede an open one
             seen = _seen_before(source, k * chunk_size)
-        recs, rejects, stats = recommender.recommend(users, seen)
+        prints = fingerprints(users, setup.key)
+        recs, rejects, stats = recommender.recommend(users, seen, prints)
         seen.add(users["user_id"].drop_nulls().hash(seed=0).to_numpy())
         first_open = k + 1
         atomic_write(out / STATS_DIR / f"rejects-{k:05d}.parquet", rejects.write_parquet)
         job.write_text(fs, f"{root}/{STATS_DIR}/stats-{k:05d}.json", json.dumps(stats))
+        atomic_write(out / FINGERPRINTS / _part(k), side_file(users, prints, recs).write_parquet)
         atomic_write(out / _part(k), recs.write_parquet)  # the commit point of chunk k
+        finished += users.height
         if on_chunk is not None:
-            on_chunk(k, chunks)
-    return _finish(fs, root, out, chunks, recommender, time.perf_counter() - started, rows)
+            on_chunk(Progress(chunk=k, chunks=chunks, users=users.height, done=finished, total=rows))
+    return _finish(fs, root, out, chunks, recommender, time.perf_counter() - started, rows, setup)
+
+
+def prepare_job(users_path: Path, artifacts: Path, out: Path, opts: JobOptions) -> tuple[Recommender, Setup,
+                                                                                        list[Path]]:
+    """Every check of a local job before it touches OUT: pinned manifest, input schema, filters, output options,
+    `--previous`, then the model (its checksums verified). Returns (recommender, incremental setup, input files).
+    Shared with `laser_batch.plan` (`score --dry-run`)."""
+    if opts.expect_manifest_sha256 is not None:
+        check_manifest_sha256(artifacts, opts.expect_manifest_sha256)
+    schema = check_users_schema(users_path, interactions=opts.interactions)
+    prepared = opts.item_filters(artifacts)
+    prepared.check_input(schema, users_path)
+    output = opts.output_options(artifacts)
+    setup = prepare_incremental(opts, manifest_sha256(artifacts), schema, str(out))
+    recommender = Recommender(artifacts, **opts.recommender(), filters=prepared, output=output,
+                              previous=setup.previous)
+    check_users_schema(users_path, recommender.item_id_dtype, interactions=opts.interactions)
+    return recommender, setup, input_files(users_path)
 
 
 def _part(k: int) -> str:
@@ -328,7 +367,8 @@ def _seen_before(source: list[Path], rows: int) -> SeenUsers:
     return seen
 
 
-def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, seconds: float, rows: int) -> dict:
+def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, seconds: float, rows: int,
+            setup: Setup) -> dict:
     totals: Counter = Counter()
     for k in range(chunks):
         totals.update(json.loads((out / STATS_DIR / f"stats-{k:05d}.json").read_text()))
@@ -337,7 +377,7 @@ def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, sec
         providers=recommender.providers, model=str(recommender.artifacts), model_kind=recommender.embedder.kind,
         manifest_sha256=recommender.manifest_sha256, top_k=recommender.top_k, batch_size=recommender.batch_size,
         max_batch_tokens=recommender.max_batch_tokens, io_binding=recommender.embedder.io_binding,
-        filters=recommender.filters.info)
+        filters=recommender.filters.info, incremental=setup.summary(totals))
     rejects = [pl.read_parquet(p) for p in sorted((out / STATS_DIR).glob("rejects-*.parquet"))]
     job.commit(fs, root, rejects, summary, scratch=f"{root}/{WORK_DIR}")
     return summary

@@ -264,3 +264,28 @@ def test_ray_output_equals_the_local_engine_with_every_output_option(artifacts, 
     np.testing.assert_allclose(mine["scores"].explode().to_numpy(), theirs["scores"].explode().to_numpy(),
                                rtol=1e-4, atol=1e-7)
     assert ray["users_scored"] == local["users_scored"] == mine.height
+
+
+def test_ray_with_previous_equals_the_local_engine_with_previous(artifacts, users_dir, local_out,  # noqa: F811
+                                                                 ray_cluster, tmp_path):
+    """Night 2 (every third user with a new item, one user gone) on Ray with --previous = the local full run."""
+    night2 = tmp_path / "night2"
+    night2.mkdir()
+    first = _users(artifacts)["history"][0].to_list()
+    for name in ("a", "b", "c"):
+        rows = pl.read_parquet(users_dir / "dir" / f"{name}.parquet")
+        rows.with_columns(pl.when(pl.col("user_id") % 3 == 0).then(pl.col("history").list.concat(pl.lit(first[:1])))
+                          .otherwise("history").alias("history")).filter(pl.col("user_id") != 4
+                                                                         ).write_parquet(night2 / f"{name}.parquet")
+    from laser_batch.ray_engine import score_ray
+
+    summary = score_ray(str(night2), str(artifacts / "laser_art"), str(tmp_path / "ray"), top_k=5, chunk_size=16,
+                        workers=1, previous=str(local_out))
+    local = score_users(night2, artifacts / "laser_art", tmp_path / "local", top_k=5, chunk_size=16,
+                        previous=str(local_out))
+    _assert_same_result(tmp_path / "ray", tmp_path / "local")
+    assert summary["incremental"]["reused"] == local["incremental"]["reused"] > 20
+    assert summary["incremental"]["scored"] == local["incremental"]["scored"] > 10
+    prints = [pl.concat([pl.read_parquet(p) for p in (out / "_fingerprints").glob("*.parquet")]).sort("user_id")
+              for out in (tmp_path / "ray", tmp_path / "local")]
+    assert prints[0].equals(prints[1])

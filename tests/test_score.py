@@ -368,8 +368,8 @@ def test_resume_of_a_directory_input(artifacts, tmp_path):
     users = pl.concat([_users(artifacts).with_columns(pl.col("user_id") + 1000 * i) for i in range(3)])
     directory = _split(users, tmp_path / "in", 4)
 
-    def stop_after_two(k, chunks):
-        if k == 1:
+    def stop_after_two(progress):
+        if progress.chunk == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -377,9 +377,9 @@ def test_resume_of_a_directory_input(artifacts, tmp_path):
     assert len(list((tmp_path / "out").glob("part-*"))) == 2 and not (tmp_path / "out" / "_SUCCESS").exists()
     finished = []
     score_users(directory, artifacts / "laser_art", tmp_path / "out", chunk_size=40, resume=True,
-                on_chunk=lambda k, chunks: finished.append(k))
+                on_chunk=lambda progress: finished.append((progress.chunk, progress.done)))
     score_users(directory, artifacts / "laser_art", tmp_path / "straight", chunk_size=40)
-    assert finished == [2, 3, 4]  # only the open chunks ran again
+    assert finished == [(2, 120), (3, 160), (4, 180)]  # only the open chunks ran again; done counts the resumed
     assert _recs(tmp_path / "out").equals(_recs(tmp_path / "straight"))
     assert _recs(tmp_path / "out")["user_id"].n_unique() == users.height
     # Another set of files is another input: resuming on it is refused.
