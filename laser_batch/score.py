@@ -237,6 +237,7 @@ def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Calla
     started = time.perf_counter()
     fs, root = filesystem(str(out))
     job.check_out(fs, root, str(out), resume=opts.resume, overwrite=opts.overwrite)  # before any model work
+    before_success = opts.before_success(fs, root, str(out))
     if opts.expect_manifest_sha256 is not None:
         check_manifest_sha256(Path(artifacts), opts.expect_manifest_sha256)
     schema = check_users_schema(users_path, interactions=opts.interactions)
@@ -274,7 +275,7 @@ def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Calla
         atomic_write(out / _part(k), recs.write_parquet)  # the commit point of chunk k
         if on_chunk is not None:
             on_chunk(k, chunks)
-    return _finish(fs, root, out, chunks, recommender, time.perf_counter() - started, rows)
+    return _finish(fs, root, out, chunks, recommender, time.perf_counter() - started, rows, before_success)
 
 
 def _part(k: int) -> str:
@@ -328,7 +329,8 @@ def _seen_before(source: list[Path], rows: int) -> SeenUsers:
     return seen
 
 
-def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, seconds: float, rows: int) -> dict:
+def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, seconds: float, rows: int,
+            before_success: Callable[[], None] | None) -> dict:
     totals: Counter = Counter()
     for k in range(chunks):
         totals.update(json.loads((out / STATS_DIR / f"stats-{k:05d}.json").read_text()))
@@ -339,5 +341,5 @@ def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, sec
         max_batch_tokens=recommender.max_batch_tokens, io_binding=recommender.embedder.io_binding,
         filters=recommender.filters.info)
     rejects = [pl.read_parquet(p) for p in sorted((out / STATS_DIR).glob("rejects-*.parquet"))]
-    job.commit(fs, root, rejects, summary, scratch=f"{root}/{WORK_DIR}")
+    job.commit(fs, root, rejects, summary, scratch=f"{root}/{WORK_DIR}", before_success=before_success)
     return summary
