@@ -19,6 +19,7 @@ import typer
 
 from laser_batch import __version__
 from laser_batch.errors import LaserBatchError
+from laser_batch.extras import require_train
 
 app = typer.Typer(
     name="laser-batch",
@@ -192,6 +193,7 @@ def train(
 ) -> None:
     """Train SASRec (the frozen ID model) and/or Laser, writing RUN_DIR/sasrec and RUN_DIR/laser."""
     with _errors():
+        require_train("train")
         from laser_batch.config import load_config
 
         cfg = load_config(config, train={"epochs": epochs, "seed": seed}, llm={"source": llm})
@@ -250,6 +252,8 @@ def evaluate(
     with _errors():
         if run_dir is None:
             raise LaserBatchError("evaluate needs RUN_DIR (or --recs OUT_DIR --truth TRUTH.parquet)")
+        if model is not EvalModel.popularity:  # the trained models run in torch; popularity is counting
+            require_train(f"evaluate --model {model.value}")
         result = evaluate_run(run_dir, model=model.value, split=split.value, ks=k or [10, 20],
                               exclude_history=not include_history, data_dir=data)
     typer.echo(f"{result['model']} on {result['split']} ({result['users']} users, "
@@ -291,6 +295,7 @@ def export(
 ) -> None:
     """Export a trained run to ONNX (through Optimum), validated against torch, with a manifest."""
     with _errors():
+        require_train("export")
         from laser_batch.exporters.export import export_run
 
         manifest = export_run(run_dir, out, model=model.value if model else None, dtype=dtype.value,
@@ -437,6 +442,12 @@ def score(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Check inputs, artefacts, options and filters, time a probe batch of real users and print "
         "the plan (users, chunks, estimated time and output size); writes nothing.")] = False,
+    report: Annotated[bool, typer.Option(
+        "--report", help="Also write OUT/report.html and report.json: coverage, Gini, popularity, scores, rejects, "
+        "throughput (see `laser-batch report`).", rich_help_panel="Report")] = False,
+    fail_on: Annotated[str | None, typer.Option(
+        "--fail-on", help="Checks on the report, e.g. \"coverage<0.05,gini>0.9\": when one holds, OUT is kept but "
+        "gets no _SUCCESS and the job exits with code 3.", rich_help_panel="Report")] = None,
 ) -> None:
     """The nightly batch job on ONNX Runtime (torch-free): top-K recommendations for every user."""
     options = dict(interactions=interactions, top_k=top_k, batch_size=batch_size, max_batch_tokens=max_batch_tokens,
@@ -445,7 +456,7 @@ def score(
                    expect_manifest_sha256=expect_manifest_sha256, allow_items=allow_items, deny_items=deny_items,
                    item_filter=item_filter, exclude=exclude, backfill=backfill.value, explain=explain,
                    with_item_columns=with_item_columns or (), score=score_kind.value, layout=layout.value,
-                   previous=previous)
+                   previous=previous, report=report, fail_on=fail_on)
     if dry_run:
         with _errors():
             from laser_batch.plan import plan_job
@@ -483,13 +494,38 @@ def score(
         _show(Path(out), Path(model), show, layout.value)
 
 
+@app.command("report")
+def report_command(
+    directory: Annotated[Path, typer.Argument(help="A `score` output directory, or a training run directory.")],
+    out: Annotated[Path | None, typer.Option("--out", help="The page to write (report.json goes beside it); "
+                                             "default DIR/report.html.")] = None,
+    previous: Annotated[Path | None, typer.Option("--previous", help="An earlier `score` output to compare with: "
+                                                  "per-user Jaccard@K, items new and dropped.")] = None,
+    model: Annotated[Path | None, typer.Option("--model", help="The artefacts whose catalogue the output was scored "
+                                               "on; default: the model that summary.json names.")] = None,
+    fail_on: Annotated[str | None, typer.Option("--fail-on", help="Checks on the report, e.g. "
+                                                "\"coverage<0.05,jaccard_mean<0.2\": exit code 3 when one "
+                                                "holds.")] = None,
+) -> None:
+    """A self-contained HTML page (plots inline) and report.json on a night's output or a training run's curves."""
+    with _errors():
+        from laser_batch.report import write_report
+
+        numbers = write_report(directory, out=out, previous=previous, artifacts=model, fail_on=fail_on)
+    target = out or directory / "report.html"
+    if numbers["kind"] == "run":
+        typer.echo(f"{target}: training curves of {', '.join(numbers['models'])}")
+    else:
+        typer.echo(f"{target}: {numbers['users']['scored']} users, coverage@{numbers['top_k']} "
+                   f"{numbers['coverage']:.4f}, Gini {numbers['gini']:.4f}")
+
+
 def _show(out: Path, model: Path, users: int, layout: str = "long") -> None:
     import polars as pl
 
-    recs = pl.read_parquet(out / "part-00000.parquet")
-    if layout == "list":  # one row per user: back to one row per item
-        recs = recs.select("user_id", item_id="item_ids", score="scores").explode("item_id", "score").with_columns(
-            rank=pl.int_range(1, pl.len() + 1).over("user_id"))
+    from laser_batch.output import scan_recommendations
+
+    recs = scan_recommendations([out / "part-00000.parquet"])[0].collect()
     recs = recs.filter(pl.col("rank") <= 5)
     titles = model / "items.parquet"  # Laser artefacts carry the item texts; SASRec-only ones do not
     if titles.exists():

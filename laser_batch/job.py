@@ -8,6 +8,8 @@ treat OUT the same way, and write the same files:
     OUT/_fingerprints/part-00000.parquet ...   user_id, fingerprint of the part's users (`laser_batch.incremental`)
     OUT/rejects.parquet              user_id, reason (one of REJECT_REASONS)
     OUT/summary.json                 counts, rejects by reason, users/s, tokens/s, padding efficiency, provider
+    OUT/report.html, report.json     with --report or --fail-on (`laser_batch.report`); a check that fails
+                                     withholds _SUCCESS and keeps the rest
     OUT/_SUCCESS                     written last: nothing in OUT counts before it
 
 OUT is new (created), resumed (`--resume`: the job file must match this job) or overwritten (`--overwrite`); a
@@ -20,13 +22,14 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import pyarrow.fs as pafs
 
-from laser_batch import filters, output
+from laser_batch import filters, output, quality
 from laser_batch.errors import InputError
 from laser_batch.files import atomic_write
 
@@ -70,6 +73,8 @@ class JobOptions:
         explain, with_item_columns, score, layout: what the output holds and how (`laser_batch.output`).
         previous: a previous output whose rows are copied for users whose fingerprint is unchanged
             (`laser_batch.incremental`); None: every user is encoded.
+        report: write OUT/report.html and report.json before `_SUCCESS` (`laser_batch.report`).
+        fail_on: `--fail-on` checks on that report (`laser_batch.quality`); one that holds withholds `_SUCCESS`.
     """
 
     top_k: int = 20
@@ -95,6 +100,8 @@ class JobOptions:
     score: str = "cosine"
     layout: str = "long"
     previous: str | None = None
+    report: bool = False
+    fail_on: str | None = None
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -111,6 +118,26 @@ class JobOptions:
             raise InputError(f"--score {self.score}: expected one of {', '.join(output.SCORES)}")
         if self.layout not in output.LAYOUTS:
             raise InputError(f"--layout {self.layout}: expected one of {', '.join(output.LAYOUTS)}")
+        if self.fail_on is not None:
+            quality.parse_checks(self.fail_on, previous=self.previous is not None)
+
+    def before_success(self, fs, root: str, shown: str) -> Callable[[], None] | None:
+        """What `commit` runs between summary.json and `_SUCCESS`: the report and its checks (None: nothing).
+
+        Raises:
+            InputError: a report asked for an OUT that is not on the local filesystem (checked before any work).
+        """
+        if not (self.report or self.fail_on):
+            return None
+        if not isinstance(fs, pafs.LocalFileSystem):
+            raise InputError(f"{shown}: --report and --fail-on need OUT on the local filesystem")
+
+        def write() -> None:
+            from laser_batch.report import write_report
+
+            write_report(root, fail_on=self.fail_on, previous=self.previous)
+
+        return write
 
     def output_options(self, artifacts) -> output.OutputOptions:
         """The output options checked against ARTIFACTS (before any model work)."""
@@ -225,14 +252,18 @@ def summarize(totals: Counter, *, rows: int, chunks: int, seconds: float, provid
     }
 
 
-def commit(fs, root: str, rejects: list[pl.DataFrame], summary: dict, *, scratch: str) -> None:
-    """Finish OUT once every part file is in place: rejects.parquet, summary.json, drop `scratch`, then _SUCCESS."""
+def commit(fs, root: str, rejects: list[pl.DataFrame], summary: dict, *, scratch: str,
+           before_success: Callable[[], None] | None = None) -> None:
+    """Finish OUT once every part file is in place: rejects.parquet, summary.json, drop `scratch`, then
+    `before_success` (the report; an error there leaves OUT without `_SUCCESS`), then _SUCCESS."""
     merged = (pl.concat(rejects, how="vertical_relaxed") if rejects
               else pl.DataFrame(schema={"user_id": pl.Int64, "reason": pl.String}))
     atomic_write(f"{root}/{REJECTS}", merged.write_parquet, fs=fs)
     write_text(fs, f"{root}/{SUMMARY}", json.dumps(summary, indent=2) + "\n")
     if fs.get_file_info(scratch).type == pafs.FileType.Directory:
         fs.delete_dir(scratch)
+    if before_success is not None:
+        before_success()
     write_text(fs, f"{root}/{SUCCESS}", "")
 
 

@@ -11,7 +11,8 @@
   it is for SASRec and the gated fusion (whose user vector already carries g / tau). It is taken before any
   filter or history exclusion, so the K probabilities of a user do not sum to 1.
 - `--layout long` (default): one row per (user, rank); `--layout list`: one row per user, `user_id`, `item_ids`
-  and `scores` as lists (best first), the optional columns as lists under their own names.
+  and `scores` as lists (best first), the optional columns as lists under their own names. `scan_recommendations`
+  reads either back as the long frame (what `evaluate --recs`, `--show` and `report` read).
 """
 
 from __future__ import annotations
@@ -88,6 +89,24 @@ class OutputOptions:
         rest = [c for c in recs.columns if c not in ("user_id", "rank", "item_id", "score")]
         return recs.group_by("user_id", maintain_order=True).agg(
             pl.col("item_id").alias("item_ids"), pl.col("score").alias("scores"), *rest)
+
+
+def scan_recommendations(parts: Sequence[Path]) -> tuple[pl.LazyFrame, str]:
+    """(user_id, rank, item_id, score) of the part files of a job's output in either layout, and that layout.
+
+    Raises:
+        InputError: the part files have neither layout's columns (the first file is named).
+    """
+    scan = pl.scan_parquet(list(parts))
+    names = set(scan.collect_schema().names())
+    if {"user_id", "item_ids", "scores"} <= names:  # `--layout list`: one row per user, best first
+        long = scan.select("user_id", item_id="item_ids", score="scores").explode("item_id", "score").with_columns(
+            rank=pl.int_range(1, pl.len() + 1).over("user_id"))
+        return long.select("user_id", "rank", "item_id", "score"), "list"
+    if {"user_id", "rank", "item_id", "score"} <= names:
+        return scan.select("user_id", "rank", "item_id", "score"), "long"
+    raise InputError(f"{parts[0]}: neither output layout (user_id, rank, item_id, score or user_id, item_ids, "
+                     f"scores); its columns: {', '.join(sorted(names))}")
 
 
 def _normalised(rows: np.ndarray) -> np.ndarray:

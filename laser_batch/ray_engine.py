@@ -192,6 +192,7 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
         raise InputError("--workers and --gpus-per-worker must not be negative")
     out_fs, root = filesystem(str(out))
     job.check_out(out_fs, root, str(out), resume=opts.resume, overwrite=opts.overwrite)
+    before_success = opts.before_success(out_fs, root, str(out))
     model = local_artifacts(str(artifacts))
     if opts.expect_manifest_sha256 is not None:
         check_manifest_sha256(model, opts.expect_manifest_sha256)
@@ -272,7 +273,8 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
         results.append(_score_duplicates(dups, model, options, out_fs, staging, setup.key))
     return _commit(out_fs, root, staging, results, rows, started, model=str(artifacts), top_k=opts.top_k,
                    manifest_sha256=record["manifest_sha256"], workers=workers, gpus_per_worker=gpus_per_worker,
-                   kind=_kind(model), filters=prepared.info, setup=setup)
+                   kind=_kind(model), filters=prepared.info, setup=setup,
+                   before_success=before_success)
 
 
 def _connect(ray, address: str | None) -> None:
@@ -325,7 +327,7 @@ def _score_duplicates(dups: pl.DataFrame, model: Path, options: dict, fs, stagin
 
 
 def _commit(fs, root: str, staging: str, results: list[dict], rows: int, started: float, *, kind: str,
-            setup: Setup, **info) -> dict:
+            setup: Setup, before_success=None, **info) -> dict:
     """Move the listed part files into OUT, then the job core's commit (rejects, summary, staging gone, _SUCCESS)."""
     totals: Counter = Counter()
     for r in results:
@@ -339,5 +341,5 @@ def _commit(fs, root: str, staging: str, results: list[dict], rows: int, started
                 f"{root}/{FINGERPRINTS}/part-{k:05d}.parquet")
         fs.move(f"{staging}/{r['part']}", f"{root}/part-{k:05d}.parquet")
     rejects = [_read(fs, f"{staging}/{r['rejects']}") for r in results if r["rejects"]]
-    job.commit(fs, root, rejects, summary, scratch=f"{root}/{STAGING}")
+    job.commit(fs, root, rejects, summary, scratch=f"{root}/{STAGING}", before_success=before_success)
     return summary

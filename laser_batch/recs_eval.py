@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 
 from laser_batch.contracts import check_schema, read_parquet
 from laser_batch.errors import InputError
+from laser_batch.output import scan_recommendations
 
 
 def evaluate_recommendations(recs_dir: Path, truth_path: Path, ks: list[int]) -> dict:
@@ -23,11 +23,7 @@ def evaluate_recommendations(recs_dir: Path, truth_path: Path, ks: list[int]) ->
         raise InputError(f"{recs_dir}: no part-*.parquet files (not the output of laser-batch score)")
     if not (recs_dir / "_SUCCESS").exists():
         raise InputError(f"{recs_dir}: no _SUCCESS file; the scoring job did not finish (use score --resume)")
-    scan = pl.scan_parquet(parts)
-    if "item_ids" in scan.collect_schema():  # `score --layout list`: one row per user, items best first
-        scan = scan.select("user_id", item_id="item_ids").explode("item_id").with_columns(
-            rank=pl.int_range(1, pl.len() + 1).over("user_id"))
-    recs = scan.select("user_id", "rank", "item_id").collect()
+    recs = scan_recommendations(parts)[0].select("user_id", "rank", "item_id").collect()
     truth = read_parquet(truth_path)
     check_schema(truth, truth_path, {"user_id": "id", "item_id": "id"})
     top = int(recs["rank"].max())

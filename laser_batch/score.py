@@ -259,6 +259,7 @@ def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Calla
     started = time.perf_counter()
     fs, root = filesystem(str(out))
     job.check_out(fs, root, str(out), resume=opts.resume, overwrite=opts.overwrite)  # before any model work
+    before_success = opts.before_success(fs, root, str(out))
     recommender, setup, files = prepare_job(users_path, Path(artifacts), out, opts)
     record = opts.record({"input": str(users_path.resolve()), "input_files": [
         [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}, recommender.manifest_sha256)
@@ -295,7 +296,8 @@ def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Calla
         finished += users.height
         if on_chunk is not None:
             on_chunk(Progress(chunk=k, chunks=chunks, users=users.height, done=finished, total=rows))
-    return _finish(fs, root, out, chunks, recommender, time.perf_counter() - started, rows, setup)
+    return _finish(fs, root, out, chunks, recommender, time.perf_counter() - started, rows, setup,
+                   before_success)
 
 
 def prepare_job(users_path: Path, artifacts: Path, out: Path, opts: JobOptions) -> tuple[Recommender, Setup,
@@ -368,7 +370,7 @@ def _seen_before(source: list[Path], rows: int) -> SeenUsers:
 
 
 def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, seconds: float, rows: int,
-            setup: Setup) -> dict:
+            setup: Setup, before_success: Callable[[], None] | None) -> dict:
     totals: Counter = Counter()
     for k in range(chunks):
         totals.update(json.loads((out / STATS_DIR / f"stats-{k:05d}.json").read_text()))
@@ -379,5 +381,5 @@ def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, sec
         max_batch_tokens=recommender.max_batch_tokens, io_binding=recommender.embedder.io_binding,
         filters=recommender.filters.info, incremental=setup.summary(totals))
     rejects = [pl.read_parquet(p) for p in sorted((out / STATS_DIR).glob("rejects-*.parquet"))]
-    job.commit(fs, root, rejects, summary, scratch=f"{root}/{WORK_DIR}")
+    job.commit(fs, root, rejects, summary, scratch=f"{root}/{WORK_DIR}", before_success=before_success)
     return summary

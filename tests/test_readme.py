@@ -20,7 +20,7 @@ def test_readme_starts_with_two_setup_commands():
     readme = (ROOT / "README.md").read_text()
     commands = _readme_commands()
     assert len(commands) == 2
-    assert "laser-batch score" in commands[0] and "pip install -e . " in commands[0]
+    assert "laser-batch score" in commands[0] and "pip install -e '.[train]' " in commands[0]
     assert "pytest" in commands[1] and "[dev]" in commands[1]
     before = readme[:readme.index(commands[0])]
     assert before.count("```") == 1, "the first code block of the README must be the first set-up command"
