@@ -139,7 +139,8 @@ def main() -> None:
                             "of_steps": s.steps_per_epoch, "users": len(s.user_slice), "of_users": s.valid_users}
                    for s in sides},
         "configs": {s.name: str(s.config_path) for s in sides},
-        "llm": {s.name: {"source": Path(args.llm).name, "num_layers": s.model.llm.num_layers,
+        "llm": {s.name: {"source": Path(args.llm).name,
+                         "num_layers": s.config.llm.num_layers or s.model.llm.source_layers,
                          "cf_position": s.config.laser.cf_position, "fusion": s.config.laser.fusion} for s in sides},
         "load_average": {"before": [round(x, 2) for x in load_before],
                          "after": [round(x, 2) for x in os.getloadavg()]},

@@ -353,6 +353,27 @@ def incremental_table(results_dir: Path) -> str:
     return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
 
 
+def epoch_cost_table(results_dir: Path) -> str:
+    """Seconds per stage-1 epoch on Scientific, the paper's setup against the fast one (benchmarks/epoch_cost.py)."""
+    path = results_dir / "epoch_cost.json"
+    if not path.exists():
+        return "(no results yet: run python benchmarks/epoch_cost.py)"
+    r = json.loads(path.read_text())
+    rows = ["| setup | LLM blocks | CF tokens | fusion | item re-encoding | training steps | validation users | "
+            "s / epoch |", "|---|---|---|---|---|---|---|---|"]
+    for name in ("paper", "fast"):
+        llm, part = r["llm"][name], r["per_part"][name]
+        rows.append(f"| {name} (`{Path(r['configs'][name]).name}`) | {llm['num_layers']} | {llm['cf_position']} | "
+                    f"{llm['fusion']} | {part['items']:,.0f} s | {part['steps']:,.0f} s | {part['users']:,.0f} s | "
+                    f"{part['total']:,.0f} |")
+    sl = r["slices"]["paper"]
+    return "\n".join(rows) + (
+        f"\n\nSpeed-up: **{r['speedup']}x** per epoch, both measured in one process, interleaved; each part timed on "
+        f"a slice ({sl['items']} of {sl['of_items']:,} items, {sl['steps']} of {sl['of_steps']:,} steps, "
+        f"{sl['users']} of {sl['of_users']:,} validation users) and scaled; {r['machine']['cpu']}, "
+        f"{r['machine']['torch_threads']} threads. Command: `{r['command']}`.")
+
+
 # Which tables each file holds, in order.
 TABLES = {
     "README.md": (("headline", headline_table),),
@@ -361,6 +382,7 @@ TABLES = {
         ("laser", laser_table), ("laser-proxy", laser_proxy_table),
         ("laser-bypass", laser_bypass_table), ("export", export_table), ("topk-sensitivity", sensitivity_table),
         ("score", score_table), ("score-ray", score_ray_table), ("incremental", incremental_table),
+        ("epoch-cost", epoch_cost_table),
         ("cuda", cuda_table),
     ),
 }
