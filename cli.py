@@ -119,15 +119,19 @@ class _ScoreProgress:
     --quiet. Called by the engine after each chunk (`laser_batch.job.Progress`); resumed chunks count as done."""
 
     def __init__(self) -> None:
-        self.bar, self.started, self.first = None, 0.0, 0
+        import time
+
+        # The clock starts with the job (model loading included), not at the first callback, which comes after the
+        # first chunk: timed from there, a one-chunk job showed an absurd rate.
+        self.bar, self.started, self.first = None, time.perf_counter(), None
 
     def __call__(self, progress) -> None:
         import time
 
         if _state["quiet"]:
             return
-        if self.bar is None and not self.started:
-            self.started, self.first = time.perf_counter(), progress.done - progress.users
+        if self.first is None:
+            self.first = progress.done - progress.users  # users finished by an earlier run (--resume)
             if sys.stderr.isatty():
                 from tqdm import tqdm
 
