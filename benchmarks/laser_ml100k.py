@@ -91,7 +91,9 @@ def main() -> None:
             run = work / f"run_{model}"
             if not (run / "sasrec").exists():
                 shutil.copytree(base, run, dirs_exist_ok=True)
-            variant = load_config(args.config, llm={"source": llm}, **VARIANTS[model])
+            changes = {section: dict(values) for section, values in VARIANTS[model].items()}
+            changes.setdefault("llm", {})["source"] = llm  # a variant may change other [llm] keys (laser_combo)
+            variant = load_config(args.config, **changes)
             started = time.perf_counter()
             result = train_laser(run, variant, resume=True, overwrite=True)
             ranks = bench.test_ranks(bench.scorer("laser", run))

@@ -19,7 +19,8 @@ from scientific_table import laser_scientific_table, scientific_headline
 
 ROOT = Path(__file__).resolve().parent.parent
 LASER_ROWS = (("popularity", "popularity"), ("sasrec", "SASRec alone (frozen ID model)"), ("laser", "**Laser**"),
-              ("laser_no_prefix", "Laser, no prefix"), ("laser_no_moe", "Laser, no MoE (K = 1)"))
+              ("laser_no_prefix", "Laser, no prefix"), ("laser_no_moe", "Laser, no MoE (K = 1)"),
+              ("laser_combo", "Laser, fast combination (8 blocks, CF tokens after the text, gated fusion)"))
 DATASETS = ("Beauty", "Sports_and_Outdoors", "LastFM", "Scientific")
 PUBLISHED_LABELS = (("SASRec, published (BCE)", "sasrec"), ("SASRec, public CE reference", "sasrec_ce_reference"),
                     ("popularity, published", "popularity"), ("SASRec, Laser paper", "sasrec_laser_paper"),
@@ -59,8 +60,11 @@ def sasrec_table(results_dir: Path) -> str:
 
 
 def _laser_row(label: str, metrics: dict, run: dict) -> str:
+    versus, gate = metrics.get("ndcg10_vs_sasrec"), metrics.get("gate")
+    paired = f"{versus['diff']:+.4f} [{versus['ci95'][0]:+.4f}, {versus['ci95'][1]:+.4f}]" if versus else ""
     return (f"| {label} | {_fmt(metrics, 'HR@10')} | {_fmt(metrics, 'NDCG@10')} | {_fmt(metrics, 'MRR')} "
-            f"| {run.get('seconds_per_epoch', '')} | {run.get('trainable_parameters', '')} |")
+            f"| {run.get('seconds_per_epoch', '')} | {run.get('trainable_parameters', '')} | {paired} | "
+            f"{'' if gate is None else f'{gate:.3f}'} |")
 
 
 def laser_table(results_dir: Path) -> str:
@@ -68,12 +72,14 @@ def laser_table(results_dir: Path) -> str:
     if not path.exists():
         return "(no results yet: run python benchmarks/laser_ml100k.py)"
     r = json.loads(path.read_text())
-    rows = ["| model | HR@10 | NDCG@10 | MRR | s / epoch | trained parameters |", "|---|---|---|---|---|---|"]
+    rows = ["| model | HR@10 | NDCG@10 | MRR | s / epoch | trained parameters | NDCG@10 vs SASRec [95% CI] | g |",
+            "|---|---|---|---|---|---|---|---|"]
     for key, label in LASER_ROWS:
         m = r["models"].get(key)
         run = r.get("runs", {}).get(key, {})
+        if m is None and key != "laser_combo":  # laser_combo runs with the soft_lowlr config only
+            rows.append(f"| {label} | not run | | | | | | |")
         if m is None:
-            rows.append(f"| {label} | not run | | | | |")
             continue
         rows.append(_laser_row(label, m, run))
     notes = []
@@ -374,6 +380,49 @@ def epoch_cost_table(results_dir: Path) -> str:
         f"{r['machine']['torch_threads']} threads. Command: `{r['command']}`.")
 
 
+def cold_items_table(results_dir: Path) -> str:
+    """New items added with `items add` after training without them (benchmarks/cold_items.py)."""
+    path = results_dir / "cold_items.json"
+    if not path.exists():
+        return "(no results yet: run python benchmarks/cold_items.py)"
+    rows = ["| data set | users | ranking | HR@10 | NDCG@10 | NDCG@10 difference [95% CI] |",
+            "|---|---|---|---|---|---|"]
+    notes = []
+
+    def diff(d: dict | None, against: str) -> str:
+        return f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] vs {against}" if d else ""
+
+    for name, r in json.loads(path.read_text()).items():
+        cold, warm, facts = r["cold"], r["warm"], r["facts"]
+        users = f"{facts['cold_users']:,} cold"
+        for key, label, against, vs in (
+                ("popularity", "popularity (training counts), full catalogue", None, None),
+                ("laser_mean", "Laser, fallback `mean`, full catalogue", "popularity", "vs_popularity"),
+                ("laser_zeros", "Laser, fallback `zeros`, full catalogue", "popularity", "vs_popularity"),
+                ("random_order_of_new_items", "random order of the new items (oracle: target known new)", None, None),
+                ("laser_mean_among_new_items", "Laser, `mean`, among the new items", "random order", "vs_random_order"),
+                ("laser_zeros_among_new_items", "Laser, `zeros`, among the new items", "random order",
+                 "vs_random_order")):
+            m = cold[key]
+            rows.append(f"| {name} | {users} | {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | "
+                        f"{diff(m.get(vs), against) if vs else ''} |")
+        wu = f"{warm['users']:,} warm"
+        rows.append(f"| {name} | {wu} | Laser before `items add` | {_fmt(warm['before'], 'HR@10')} | "
+                    f"{_fmt(warm['before'], 'NDCG@10')} | |")
+        for fallback in ("mean", "zeros"):
+            a = warm[f"after_{fallback}"]
+            rows.append(f"| {name} | {wu} | Laser after `items add`, `{fallback}` ({a['new_items_share_of_top10']:.1%} "
+                        f"of top 10 new) | {_fmt(a, 'HR@10')} | {_fmt(a, 'NDCG@10')} | "
+                        f"{diff(a['vs_before'], 'before')} |")
+        t = r["training"]
+        notes.append(f"{name}: {facts['held_out_items']:,} of {facts['items']:,} items held out with their "
+                     f"{facts['held_out_interactions']:,} of {facts['interactions']:,} interactions; Laser "
+                     f"`{Path(t['config_file']).name}` + 8 blocks, CF tokens after the text, gated fusion (g = "
+                     f"{t['gate']:.3f}); fallback by cold NDCG@10: `{r['fallback_by_cold_NDCG@10']}`; "
+                     f"{r['machine']['cpu']}, {r['machine']['torch_threads']} threads; `{r['command']}`.")
+    return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
+
+
 # Which tables each file holds, in order.
 TABLES = {
     "README.md": (("headline", headline_table),),
@@ -382,6 +431,7 @@ TABLES = {
         ("laser", laser_table), ("laser-proxy", laser_proxy_table),
         ("laser-bypass", laser_bypass_table), ("export", export_table), ("topk-sensitivity", sensitivity_table),
         ("score", score_table), ("score-ray", score_ray_table), ("incremental", incremental_table),
+        ("cold-items", cold_items_table),
         ("epoch-cost", epoch_cost_table),
         ("cuda", cuda_table),
     ),
