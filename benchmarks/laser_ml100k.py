@@ -41,6 +41,10 @@ VARIANTS = {  # model name -> config changes (DESIGN.md ablations)
     # gated fusion with SASRec (g fitted on validation: on all 943 users, since on a few hundred the fitted g is noise).
     "laser_combo": {"llm": {"num_layers": 8}, "laser": {"cf_position": "after_text", "fusion": "gated",
                                                          "valid_users": 0}},
+    # The LLM reads text only (a learned prefix, no SASRec input) and SASRec's scores come in through the fusion
+    # (benchmarks/configs/laser_scientific_text.toml says why).
+    "laser_text": {"llm": {"num_layers": 8}, "laser": {"prefix": "free", "cf_position": "after_text",
+                                                        "fusion": "gated", "valid_users": 0}},
 }
 METRICS = ("HR@10", "NDCG@10", "MRR")
 
