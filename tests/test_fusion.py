@@ -158,17 +158,19 @@ def test_a_resumed_fused_run_matches_an_uninterrupted_one(sasrec_run, llm, tmp_p
     assert [(r["stage"], r["epoch"]) for r in _metrics_lines(run)] == [(1, 0), (1, 1), (2, 1)]  # start validated once
 
 
-@pytest.fixture(scope="module")
-def fused_export(sasrec_run, llm, tmp_path_factory):
+@pytest.fixture(scope="module", params=[{}, {"prefix": "free", "cf_position": "after_text"}],
+                ids=["mformer-prefix", "text-only-llm"])
+def fused_export(request, sasrec_run, llm, tmp_path_factory):
     """A trained fused run whose gate is set to 0.02 (g / tau = 0.4: both terms matter), and its export (with an
-    int8 variant)."""
+    int8 variant): the paper's M-Former prefix, and the LLM reading text only (a learned prefix after the text, SASRec
+    entering through the fusion alone: benchmarks/configs/laser_scientific_text.toml)."""
     from safetensors.torch import load_file, save_file
 
     from laser_batch.exporters.export import export_run
 
     root = tmp_path_factory.mktemp("fused_export")
     run = _copy_run(sasrec_run, root)
-    train_laser(run, small_config(laser={**GATED, "center": True}), llm=llm)
+    train_laser(run, small_config(laser={**GATED, "center": True, **request.param}), llm=llm)
     weights = load_file(str(run / LASER_DIR / WEIGHTS_FILE))
     save_file({**weights, "gate": torch.tensor(0.02)}, str(run / LASER_DIR / WEIGHTS_FILE))
     config = json.loads((run / LASER_DIR / CONFIG_FILE).read_text())
