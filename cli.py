@@ -316,6 +316,7 @@ def export(
 class IdVector(str, Enum):
     mean = "mean"
     zeros = "zeros"
+    neighbours = "neighbours"
 
 
 class Align(str, Enum):
@@ -330,8 +331,8 @@ def items_add(
                                               "of the artefacts' items.parquet.")],
     out: Annotated[Path, typer.Option("--out", help="The new artefact directory to write (ARTIFACTS is kept).")],
     id_vector: Annotated[IdVector, typer.Option(
-        "--id-vector", help="A new item's fallback ID vector (it has no SASRec row): mean (of the catalogue's) or "
-        "zeros.")] = IdVector.mean,
+        "--id-vector", help="A new item's fallback ID vector (it has no SASRec row): mean (of the catalogue's), "
+        "zeros, or neighbours (the mean of its 10 nearest catalogue items' by item embedding).")] = IdVector.mean,
     align: Annotated[Align, typer.Option(
         "--align", help="linear: map the graphs' encodings into the item matrix's space by an affine map fitted on "
         "re-encoded catalogue items (kept only if it beats none on held-out ones); none.")] = Align.linear,

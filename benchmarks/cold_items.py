@@ -8,7 +8,7 @@ the result is stored in benchmarks/results/cold_items.json under the data set's 
 1. 10% of the catalogue's items (uniform, seed 0) are held out with all their interactions; SASRec and Laser (the
    fast combination: 8 LLM blocks, CF tokens after the text, gated fusion, `CONFIGS`) are trained on the rest.
 2. The run is exported, and the held-out items are added from their text with `laser_batch.items_add.add_items`,
-   once per fallback ID vector (`mean`, `zeros`), torch-free through the exported graphs.
+   once per fallback ID vector (`mean`, `zeros`, `neighbours`), torch-free through the exported graphs.
 3. Cold users: every user whose last interaction in the full data is a held-out item. Input: the whole history
    before it (held-out items in it are now catalogue items), K = 10, history excluded, the full catalogue
    (warm + new). Measured: HR@10 and NDCG@10; against popularity (training counts: a new item has none, so it ranks
@@ -37,10 +37,10 @@ import numpy as np
 import polars as pl
 from sasrec_s3rec import OVERRIDES, machine
 
-from exporters.export import export_run
 from laser_batch.config import load_config
 from laser_batch.contracts import load_data_dir, write_data_dir
 from laser_batch.convert import convert
+from laser_batch.exporters.export import export_run
 from laser_batch.items_add import add_items
 from laser_batch.metrics import ndcg_per_user, paired_bootstrap
 from laser_batch.score import score_users
@@ -53,12 +53,15 @@ SHARED = HERE.parent.parent / "shared"
 HOLDOUT_SHARE = 0.10
 SEED = 0
 K = 10
-FALLBACKS = ("mean", "zeros")
+FALLBACKS = ("mean", "zeros", "neighbours")
 BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95}
 COMBO = {"llm": {"num_layers": 8}, "laser": {"cf_position": "after_text", "fusion": "gated"}}
 CONFIGS = {  # data set -> (Laser config file, SASRec config changes); each gets COMBO on top
     "ml100k": (HERE / "configs" / "laser_ml100k_soft_lowlr.toml", {}),
     "Scientific": (HERE / "configs" / "laser_scientific.toml", OVERRIDES["Scientific"]),
+    # A check of this script in about a minute: the embedded synthetic example and tiny LLM (examples/laser.toml,
+    # all of the tiny LLM's blocks), not a result.
+    "example": (HERE.parent / "examples" / "laser.toml", {}),
 }
 
 
@@ -67,7 +70,11 @@ def prepare_full(dataset: str, work: Path) -> Path:
     data = work / "data_full"
     if (data / "card.json").exists():
         return data
-    if dataset == "ml100k":
+    if dataset == "example":
+        from laser_batch.examples.synthetic import write_example
+
+        write_example(data, users=1000, items=400, seed=0)
+    elif dataset == "ml100k":
         raw = work / "raw"
         subprocess.run(["bash", str(SHARED / "tools" / "fetch-ml100k.sh"), str(raw)], check=True, capture_output=True)
         convert("recbole", [raw / "ml-100k.inter", raw / "ml-100k.item"], data)
@@ -102,17 +109,24 @@ def hold_out(full: Path, work: Path) -> tuple[Path, Path, dict]:
 def train(dataset: str, warm: Path, work: Path, llm: str) -> tuple[Path, dict]:
     config_path, sasrec_changes = CONFIGS[dataset]
     changes = {section: dict(values) for section, values in COMBO.items()}
+    if dataset == "example":
+        del changes["llm"]["num_layers"]
     changes["llm"]["source"] = llm
     config = load_config(config_path, **changes)
     run = work / "run"
     if not (run / "sasrec" / "config.json").exists():
         train_sasrec(warm, run, load_config(config_path, **sasrec_changes) if sasrec_changes else config,
                      overwrite=True)
+    done = work / "training.json"  # train --resume continues an interrupted run but would retrain a finished one
+    if done.exists():
+        return run, json.loads(done.read_text())
     started = time.perf_counter()
     result = train_laser(run, config, resume=True, overwrite=True)
-    return run, {"config_file": str(config_path.relative_to(HERE)), "changes": changes, "gate": result.gate,
-                 "seconds_per_epoch": round(result.seconds_per_epoch, 1),
-                 "best": [result.best_stage, result.best_epoch], "wall_seconds": round(time.perf_counter() - started)}
+    training = {"config_file": str(config_path.relative_to(HERE.parent)), "changes": changes, "gate": result.gate,
+                "seconds_per_epoch": round(result.seconds_per_epoch, 1),
+                "best": [result.best_stage, result.best_epoch], "wall_seconds": round(time.perf_counter() - started)}
+    done.write_text(json.dumps(training, indent=2) + "\n")
+    return run, training
 
 
 def cold_users(full: Path, new_ids: set) -> pl.DataFrame:
@@ -141,6 +155,7 @@ def warm_users(warm: Path, count: int) -> pl.DataFrame:
 def ranks_of(users: pl.DataFrame, artifacts: Path, out: Path, **options) -> tuple[np.ndarray, pl.DataFrame]:
     """Score `users` (K = 10) with `artifacts` into `out`; each user's 1-based rank of its target (K + 1: not in
     the top K) and the recommendations."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     inputs = out.with_suffix(".users.parquet")
     users.select("user_id", "history").write_parquet(inputs)
     if not (out / "_SUCCESS").exists():
@@ -179,7 +194,8 @@ def random_new(users: pl.DataFrame, new_ids: set) -> tuple[dict, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(CONFIGS), required=True)
-    parser.add_argument("--llm", required=True, help="LLM source, e.g. SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--llm", default="tiny", help="LLM source, e.g. SmolLM2-135M-Instruct.Q4_1.gguf "
+                        "(default: the embedded tiny LLM, for --dataset example)")
     parser.add_argument("--work", type=Path, help="default: benchmarks/work/cold_DATASET")
     parser.add_argument("--warm-users", type=int, default=1000)
     parser.add_argument("--results", type=Path, default=HERE / "results" / "cold_items.json")
@@ -226,6 +242,7 @@ def main() -> None:
                 "diff": round(float(ndcg_per_user(among, K).mean() - random_gain.mean()), 5),
                 "ci95": [round(v, 5) for v in paired_bootstrap(random_gain, ndcg_per_user(among, K), **BOOTSTRAP)[1]]}}
     result["cold"]["zeros_vs_mean"] = versus(cold_ranks["mean"], cold_ranks["zeros"])
+    result["cold"]["neighbours_vs_mean"] = versus(cold_ranks["mean"], cold_ranks["neighbours"])
 
     warm_sample = warm_users(warm, args.warm_users)
     before, _ = ranks_of(warm_sample, artifacts, work / "out" / "warm_before")

@@ -395,21 +395,21 @@ def cold_items_table(results_dir: Path) -> str:
     for name, r in json.loads(path.read_text()).items():
         cold, warm, facts = r["cold"], r["warm"], r["facts"]
         users = f"{facts['cold_users']:,} cold"
+        fallbacks = [f for f in ("mean", "zeros", "neighbours") if f"laser_{f}" in cold]
         for key, label, against, vs in (
                 ("popularity", "popularity (training counts), full catalogue", None, None),
-                ("laser_mean", "Laser, fallback `mean`, full catalogue", "popularity", "vs_popularity"),
-                ("laser_zeros", "Laser, fallback `zeros`, full catalogue", "popularity", "vs_popularity"),
+                *((f"laser_{f}", f"Laser, fallback `{f}`, full catalogue", "popularity", "vs_popularity")
+                  for f in fallbacks),
                 ("random_order_of_new_items", "random order of the new items (oracle: target known new)", None, None),
-                ("laser_mean_among_new_items", "Laser, `mean`, among the new items", "random order", "vs_random_order"),
-                ("laser_zeros_among_new_items", "Laser, `zeros`, among the new items", "random order",
-                 "vs_random_order")):
+                *((f"laser_{f}_among_new_items", f"Laser, `{f}`, among the new items", "random order",
+                   "vs_random_order") for f in fallbacks)):
             m = cold[key]
             rows.append(f"| {name} | {users} | {label} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | "
                         f"{diff(m.get(vs), against) if vs else ''} |")
         wu = f"{warm['users']:,} warm"
         rows.append(f"| {name} | {wu} | Laser before `items add` | {_fmt(warm['before'], 'HR@10')} | "
                     f"{_fmt(warm['before'], 'NDCG@10')} | |")
-        for fallback in ("mean", "zeros"):
+        for fallback in fallbacks:
             a = warm[f"after_{fallback}"]
             rows.append(f"| {name} | {wu} | Laser after `items add`, `{fallback}` ({a['new_items_share_of_top10']:.1%} "
                         f"of top 10 new) | {_fmt(a, 'HR@10')} | {_fmt(a, 'NDCG@10')} | "

@@ -6,9 +6,12 @@ for the one-item history). A new item has text but no SASRec row, so it is encod
 fallback ID vector in its place:
 
 - `mean`: the mean of the catalogue's ID vectors (`item_id_vectors.npy`), the ID vector of an "average" item;
-- `zeros`: a zero vector, no ID information at all.
+- `zeros`: a zero vector, no ID information at all;
+- `neighbours`: per new item, the mean ID vector of the `NEIGHBOURS` catalogue items whose item embeddings are
+  closest (cosine) to its own; with an M-Former the item is first encoded with `mean`, its neighbours found, and
+  then encoded again with their mean ID vector. It places a new item where the items its text resembles are.
 
-The choice is recorded in the manifest; `benchmarks/cold_items.py` measures both.
+The choice is recorded in the manifest; `benchmarks/cold_items.py` measures all three.
 
 With the gated fusion (`laser.fusion = "gated"`) an item's row of `item_matrix.npy` is [SASRec item embedding ;
 Laser item embedding] and a user's score is SASRec(u, i) + g * cos / tau; a new item's SASRec part is the fallback
@@ -16,7 +19,9 @@ too (the mean SASRec item embedding, or zeros). Its SASRec term is then the user
 same kind of "no information" score for every new item, and only g * cos / tau tells new items apart: at g = 0 (no
 epoch beat SASRec, so the fusion kept SASRec's ranking) every new item gets the same SASRec term and text cannot lift
 one above another; with `mean` it lands near the user's average item score (the middle of the ranking, plus its
-text term), with `zeros` at 0, which is above or below the catalogue depending on the user's state.
+text term), with `zeros` at 0, which is above or below the catalogue depending on the user's state. With
+`neighbours` the SASRec part is the mean SASRec embedding of the item's text neighbours, so SASRec itself scores the
+new item as it scores the items it resembles, even at g = 0.
 
 The output is a new artefact directory: every file of ARTIFACTS, with the new rows appended to `item_matrix.npy`,
 `item_ids.parquet` (`train_interactions` 0), `items.parquet` and `item_id_vectors.npy`, and a new manifest with every
@@ -60,7 +65,8 @@ from laser_batch.sequences import length_batches
 
 logger = logging.getLogger(__name__)
 
-FALLBACKS = ("mean", "zeros")
+FALLBACKS = ("mean", "zeros", "neighbours")
+NEIGHBOURS = 10  # `neighbours`: catalogue items whose ID vectors a new item's fallback averages
 ALIGNS = ("linear", "none")
 ALIGN_ITEMS = 2048  # catalogue items re-encoded to fit the alignment
 CHECK_ITEMS = 64  # with --align none: catalogue items re-encoded only to measure the drift
@@ -127,15 +133,24 @@ def add_items(artifacts: Path, new_items: Path, out: Path, *, id_vector: str = "
         mapping, alignment = _fit_alignment(encoder, items_text, laser_rows, ids, batch_size=batch_size,
                                             max_items=align_items if align == "linear" else CHECK_ITEMS,
                                             fit=align == "linear")
-    fallback = _fallback(ids, id_vector, encoder.id_size) if encoder.mformer is not None else None
-    embeddings = encoder.encode(new, fallback, batch_size=batch_size)  # (M, D_llm)
-    if mapping is not None:
-        embeddings = _unit(_affine(embeddings) @ mapping)
+    first_pass = "mean" if id_vector == "neighbours" else id_vector  # neighbours need an embedding to start from
+    fallback = _fallback(ids, first_pass, encoder.id_size) if encoder.mformer is not None else None
+    if fallback is not None:
+        fallback = np.broadcast_to(fallback, (new.height, encoder.id_size))
+    embeddings = _encode_aligned(encoder, new, fallback, mapping, batch_size)  # (M, D_llm)
+    near = None
+    if id_vector == "neighbours":
+        near = _nearest(embeddings, laser_rows, NEIGHBOURS)
+        if fallback is not None:  # each new item's ID vector from its text neighbours; encoded again with it
+            fallback = ids[near].astype(np.float32).mean(axis=1)
+            embeddings = _encode_aligned(encoder, new, fallback, mapping, batch_size)
     rows = embeddings
     d_id = matrix.shape[1] - width
     if fused:  # the new item's SASRec part: the fallback of the SASRec item embeddings (item_matrix's first d_id)
-        sasrec_fallback = _fallback(matrix[:, :d_id].astype(np.float32), id_vector, d_id)
-        rows = np.concatenate([np.broadcast_to(sasrec_fallback, (len(new), d_id)), embeddings], axis=1)
+        sasrec_rows = matrix[:, :d_id].astype(np.float32)
+        sasrec_fallback = (sasrec_rows[near].mean(axis=1) if near is not None
+                           else np.broadcast_to(_fallback(sasrec_rows, id_vector, d_id), (len(new), d_id)))
+        rows = np.concatenate([sasrec_fallback, embeddings], axis=1)
 
     first = catalogue.height + 1
     record = {"items": new.height, "first_index": first, "id_vector": id_vector,
@@ -150,9 +165,8 @@ def add_items(artifacts: Path, new_items: Path, out: Path, *, id_vector: str = "
             shutil.copyfile(artifacts / name, partial / name)
         np.save(partial / ITEM_MATRIX, np.concatenate([matrix, rows.astype(matrix.dtype)]))
         if ids is not None:
-            added = fallback if fallback is not None else np.zeros(ids.shape[1], dtype=ids.dtype)
-            np.save(partial / ITEM_ID_VECTORS, np.concatenate([ids, np.broadcast_to(added, (len(new), ids.shape[1]))
-                                                               .astype(ids.dtype)]))
+            added = fallback if fallback is not None else np.zeros((len(new), ids.shape[1]), dtype=ids.dtype)
+            np.save(partial / ITEM_ID_VECTORS, np.concatenate([ids, added.astype(ids.dtype)]))
         appended = pl.DataFrame({"index": np.arange(first, first + new.height), "item_id": new["item_id"]},
                                 schema={"index": catalogue.schema["index"], "item_id": catalogue.schema["item_id"]})
         if TRAIN_COUNTS in catalogue.columns:
@@ -180,6 +194,20 @@ def write_manifest(directory: Path, manifest: dict) -> None:
     manifest["files"] = {p.name: file_record(directory, p.name) for p in sorted(directory.iterdir())
                          if p.is_file() and p.name != MANIFEST}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _encode_aligned(encoder: _ItemEncoder, items: pl.DataFrame, id_vectors: np.ndarray | None,
+                    mapping: np.ndarray | None, batch_size: int) -> np.ndarray:
+    """The graphs' embeddings of `items`, mapped into the item matrix's space when an alignment was kept."""
+    embeddings = encoder.encode(items, id_vectors, batch_size=batch_size)
+    return embeddings if mapping is None else _unit(_affine(embeddings) @ mapping)
+
+
+def _nearest(embeddings: np.ndarray, catalogue: np.ndarray, k: int) -> np.ndarray:
+    """(M, k) rows of `catalogue` (N, D) closest by cosine to each of `embeddings` (M, D)."""
+    similarity = _unit(embeddings) @ _unit(catalogue).T
+    k = min(k, catalogue.shape[0])
+    return np.argpartition(-similarity, k - 1, axis=1)[:, :k]
 
 
 def _fallback(vectors: np.ndarray | None, kind: str, size: int) -> np.ndarray:

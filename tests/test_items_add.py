@@ -199,6 +199,29 @@ def test_the_fused_export_gives_a_new_item_the_fallback_as_its_sasrec_part(fused
         np.testing.assert_allclose(users @ grown[-2:].T, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_neighbours_gives_a_new_item_the_mean_id_and_sasrec_vectors_of_its_text_neighbours(fused_art, tmp_path):
+    record = add_items(fused_art, _write(_new_items(fused_art, [4, 9]), tmp_path / "new.parquet"), tmp_path / "out",
+                       id_vector="neighbours")["items_added"][-1]
+    assert record["id_vector"] == "neighbours" and record["id_vector_used_by"] == ["mformer", "sasrec"]
+    old, grown = np.load(fused_art / "item_matrix.npy"), np.load(tmp_path / "out" / "item_matrix.npy")
+    old_ids, grown_ids = np.load(fused_art / "item_id_vectors.npy"), np.load(tmp_path / "out" / "item_id_vectors.npy")
+    d_id = grown.shape[1] - Embedder(tmp_path / "out").user_encoder.get_outputs()[0].shape[-1]
+    laser = old[:, d_id:] / np.linalg.norm(old[:, d_id:], axis=1, keepdims=True)
+    # the neighbours are found from the item encoded with the `mean` ID vector, what `--id-vector mean` adds
+    add_items(fused_art, tmp_path / "new.parquet", tmp_path / "mean", id_vector="mean")
+    first_pass = np.load(tmp_path / "mean" / "item_matrix.npy")[len(old):, d_id:]
+    for k in range(2):
+        row = grown[len(old) + k]
+        # the ten catalogue items closest to the new item's Laser embedding (with an M-Former prefix from the mean ID
+        # vector the embedding is not the text's alone: the text twin need not be among them in this tiny model)
+        nearest = np.argsort(-(laser @ first_pass[k]))[:10]
+        np.testing.assert_allclose(row[:d_id], old[nearest, :d_id].mean(0), rtol=1e-4, atol=1e-5)
+        assert not np.allclose(row[:d_id], old[:, :d_id].mean(0), atol=1e-3)  # not the catalogue mean
+    # the M-Former's ID vectors: one per new item, each the mean of catalogue ID vectors (not one broadcast vector)
+    added = grown_ids[len(old_ids):]
+    assert added.shape == (2, old_ids.shape[1]) and not np.allclose(added[0], added[1])
+
+
 def test_each_bad_input_is_one_line_and_writes_nothing(artifacts, tmp_path):  # noqa: F811
     art = artifacts / "laser_art"
     items = pl.read_parquet(art / "items.parquet")
