@@ -20,7 +20,8 @@ from scientific_table import laser_scientific_table, scientific_headline
 ROOT = Path(__file__).resolve().parent.parent
 LASER_ROWS = (("popularity", "popularity"), ("sasrec", "SASRec alone (frozen ID model)"), ("laser", "**Laser**"),
               ("laser_no_prefix", "Laser, no prefix"), ("laser_no_moe", "Laser, no MoE (K = 1)"),
-              ("laser_combo", "Laser, fast combination (8 blocks, CF tokens after the text, gated fusion)"))
+              ("laser_combo", "Laser, fast combination (8 blocks, CF tokens after the text, gated fusion)"),
+              ("laser_text", "Laser, the LLM reads text only (free prefix after the text, 8 blocks, gated fusion)"))
 DATASETS = ("Beauty", "Sports_and_Outdoors", "LastFM", "Scientific")
 PUBLISHED_LABELS = (("SASRec, published (BCE)", "sasrec"), ("SASRec, public CE reference", "sasrec_ce_reference"),
                     ("popularity, published", "popularity"), ("SASRec, Laser paper", "sasrec_laser_paper"),
@@ -77,7 +78,7 @@ def laser_table(results_dir: Path) -> str:
     for key, label in LASER_ROWS:
         m = r["models"].get(key)
         run = r.get("runs", {}).get(key, {})
-        if m is None and key != "laser_combo":  # laser_combo runs with the soft_lowlr config only
+        if m is None and key not in ("laser_combo", "laser_text"):  # these run with the soft_lowlr config only
             rows.append(f"| {label} | not run | | | | | | |")
         if m is None:
             continue
