@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+from ranking import BOOTSTRAP, versus_sasrec
 from sasrec_s3rec import OVERRIDES, machine
 
 from laser_batch.config import load_config
@@ -54,7 +55,6 @@ HOLDOUT_SHARE = 0.10
 SEED = 0
 K = 10
 FALLBACKS = ("mean", "zeros", "neighbours")
-BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95}
 COMBO = {"llm": {"num_layers": 8}, "laser": {"cf_position": "after_text", "fusion": "gated"}}
 CONFIGS = {  # data set -> (Laser config file, SASRec config changes); each gets COMBO on top
     "ml100k": (HERE / "configs" / "laser_ml100k_soft_lowlr.toml", {}),
@@ -161,11 +161,9 @@ def ranks_of(users: pl.DataFrame, artifacts: Path, out: Path, **options) -> tupl
     if not (out / "_SUCCESS").exists():
         score_users(inputs, artifacts, out, top_k=K, overwrite=True, **options)
     recs = pl.read_parquet(out / "*.parquet")
-    found = users.select("user_id", "target").join(
+    order = users.select("user_id", "target").with_row_index().join(
         recs.select("user_id", "item_id", "rank"), left_on=["user_id", "target"], right_on=["user_id", "item_id"],
-        how="left")
-    order = users.select("user_id").with_row_index().join(found.select("user_id", pl.col("rank").fill_null(K + 1)),
-                                                          on="user_id").sort("index")
+        how="left").sort("index").with_columns(pl.col("rank").fill_null(K + 1))
     if order.height != users.height:
         raise RuntimeError(f"{out}: {order.height} ranked users for {users.height} scored")
     return order["rank"].to_numpy().astype(np.float64), recs
@@ -176,8 +174,8 @@ def summary(ranks: np.ndarray) -> dict:
 
 
 def versus(base: np.ndarray, other: np.ndarray) -> dict:
-    diff, (low, high) = paired_bootstrap(ndcg_per_user(base, K), ndcg_per_user(other, K), **BOOTSTRAP)
-    return {"diff": round(diff, 5), "ci95": [round(low, 5), round(high, 5)]}
+    """Paired NDCG@10 difference other - base with its bootstrap interval (the Laser benchmarks' comparison)."""
+    return versus_sasrec(other, base)
 
 
 def random_new(users: pl.DataFrame, new_ids: set) -> tuple[dict, np.ndarray]:
