@@ -58,7 +58,8 @@ FALLBACKS = ("mean", "zeros", "neighbours")
 COMBO = {"llm": {"num_layers": 8}, "laser": {"cf_position": "after_text", "fusion": "gated"}}
 CONFIGS = {  # data set -> (Laser config file, SASRec config changes); each gets COMBO on top
     "ml100k": (HERE / "configs" / "laser_ml100k_soft_lowlr.toml", {}),
-    "Scientific": (HERE / "configs" / "laser_scientific.toml", OVERRIDES["Scientific"]),
+    # Scientific: the best combination there (issue 22), the LLM reads text only (prefix "free").
+    "Scientific": (HERE / "configs" / "laser_scientific_text.toml", OVERRIDES["Scientific"]),
     # A check of this script in about a minute: the embedded synthetic example and tiny LLM (examples/laser.toml,
     # all of the tiny LLM's blocks), not a result.
     "example": (HERE.parent / "examples" / "laser.toml", {}),

@@ -114,8 +114,9 @@ class LLMConfig:
 
     source: str = "tiny"
     dtype: str = "float32"
-    # Keep only the first N decoder blocks (and the final norm); 0 keeps all. The rest are freed after loading.
-    num_layers: int = 0
+    # Keep at most the first N decoder blocks (and the final norm); 0 keeps all, as does an LLM with N or fewer.
+    # The rest are freed after loading. Default 8: measured for SmolLM2-135M (8 of its 30 blocks, docs/laser.md).
+    num_layers: int = 8
 
     def __post_init__(self) -> None:
         _require(bool(self.source), "llm.source", self.source, "a hub id, a directory, a .gguf file or 'tiny'")
@@ -130,7 +131,7 @@ class TextConfig:
     instruction: str = PAPER_INSTRUCTION
     item_line: str = ">>{index}. {title}{fields}"
     text_columns: list[str] | None = None  # None: every text column of items.parquet
-    max_history_items: int = 10
+    max_history_items: int = 3  # the paper's setup (examples/laser_paper.toml): 10
     max_text_tokens: int = 256
 
     def __post_init__(self) -> None:
@@ -177,18 +178,25 @@ class MFormerConfig:
 
 @dataclass
 class LaserConfig:
-    """Bi-Tuning, the loss and the two training stages (paper values as defaults where the paper gives them)."""
+    """Bi-Tuning, the loss and the two training stages.
 
-    prefix: str = "mformer"  # "free": learned prefix without collaborative input; "none": no prefix
+    The defaults are the combination measured best for a small LLM on a CPU (issue 22, docs/laser.md "Defaults"):
+    the LLM reads text only (a free prefix after the text, then the suffix) and its cosine is added to SASRec's
+    scores through the gated fusion. examples/laser_paper.toml sets the paper's setup instead.
+    """
+
+    # "mformer" (the paper): the M-Former's CF tokens from the frozen SASRec; "free": learned prefix vectors without
+    # collaborative input (the collaborative signal then enters through the fusion); "none": no prefix
+    prefix: str = "free"
     # Where the prefix goes: "prefix" (the paper) = [prefix] + text + [suffix]; "after_text" = text + [prefix] +
     # [suffix]. With a causal LLM the text then depends on nothing trained, so training encodes it once per step
     # without gradients and runs forward and backward over the prefix and suffix only (Laser.training_forward).
-    cf_position: str = "prefix"
+    cf_position: str = "after_text"
     num_suffix_tokens: int = 1
     pooling: str = "suffix"
     # Not in the paper: subtract the catalogue's mean embedding before the cosine. A small LLM's last hidden
     # states share a few huge dimensions (SmolLM2-135M: item cosines 0.92-0.99), which flattens cosine / tau.
-    center: bool = False
+    center: bool = True
     # With `center`: users are centred by the mean raw embedding of this many training users (a fixed, evenly spread
     # sample, set with the catalogue mean at each item re-encoding) instead of by the catalogue mean. 0: by the
     # catalogue mean. With one shared centre, whatever the training learns to add to every user is added to every
@@ -199,22 +207,22 @@ class LaserConfig:
     # An item's M-Former input: "embedding" = its row of the frozen SASRec's item-embedding table (the vector that
     # SASRec's user states are trained to point at); "sequence" = SASRec's output for the one-item history.
     item_id_vector: str = "embedding"
-    temperature: float = 0.05
+    temperature: float = 0.2  # the paper: 0.05
     lb_weight: float = 0.01
-    stage1_epochs: int = 15
-    stage2_epochs: int = 5
-    lr: float = 1e-4
+    stage1_epochs: int = 2  # the paper: 15 and 5
+    stage2_epochs: int = 1
+    lr: float = 1.5e-4  # the paper: 1e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
-    batch_size: int = 4
+    batch_size: int = 8  # the paper: 4
     grad_accumulation: int = 1
-    item_batch_size: int = 64
+    item_batch_size: int = 32
     samples_per_user: int = 1  # training targets per user and epoch: the last training item, then random earlier ones
     patience: int = 0  # 0: run every epoch of a stage; else stop a stage after this many epochs without improvement
-    valid_users: int = 0  # 0: validate on every user; else on this many (a fixed, evenly spread subset)
+    valid_users: int = 2000  # 0: validate on every user; else on at most this many (a fixed, evenly spread subset)
     # Not in the paper. "none": rank by Laser's cosine (the paper). "gated": score = SASRec's dot score
     # + g * cosine / tau with a trained scalar g that starts at 0, so training starts from SASRec's exact ranking.
-    fusion: str = "none"
+    fusion: str = "gated"
     # The gate's own AdamW learning rate (no weight decay); 0: laser.lr. At laser.lr (1e-4) Adam moves g by about lr
     # per step, so one epoch of ~1,000 steps cannot take it past ~0.1, while g / tau has to reach the scale of SASRec's
     # unnormalised scores before the LLM part changes a ranking.

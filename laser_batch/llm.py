@@ -245,7 +245,10 @@ def _freeze(
 
 
 def keep_first_layers(model: transformers.PreTrainedModel, num_layers: int, *, source: str) -> None:
-    """Keep the first `num_layers` decoder blocks of a base decoder in place (0 or all: unchanged).
+    """Keep the first `num_layers` decoder blocks of a base decoder in place (0, or at least all: unchanged).
+
+    `num_layers` is an upper bound: an LLM with that many blocks or fewer keeps them all (the default, 8, was
+    measured for SmolLM2-135M's 30 blocks and leaves a smaller LLM, such as the embedded tiny one, whole).
 
     The final norm stays: it is applied after the block list (Llama/Qwen2 `norm`, GPT-2 `ln_f`), so the output is
     the final norm of block N's output. The dropped blocks are deleted from the module list; nothing else holds
@@ -253,9 +256,9 @@ def keep_first_layers(model: transformers.PreTrainedModel, num_layers: int, *, s
     per-layer lists such as Qwen2's `layer_types`): caches, masks, the fingerprint and the export see N layers.
     """
     total = int(model.config.num_hidden_layers)
-    if num_layers > total:
-        raise ConfigError(f"llm.num_layers = {num_layers} is invalid: the LLM {source} has {total} layers")
-    if num_layers in (0, total):
+    if num_layers == 0 or num_layers >= total:
+        if num_layers > total:
+            logger.info("llm.num_layers = %d: the LLM %s has %d layers, all kept", num_layers, source, total)
         return
     blocks = _decoder_blocks(model, num_layers, source)
     del blocks[num_layers:]

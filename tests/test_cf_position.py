@@ -52,9 +52,9 @@ def _run_data(run):
     return dataset, build_sequences(dataset.interactions)
 
 
-def test_the_default_is_the_paper_order_and_an_unknown_position_is_refused():
-    assert LaserConfig().cf_position == "prefix"
-    assert load_config(None).laser.cf_position == "prefix"
+def test_the_default_is_after_the_text_and_an_unknown_position_is_refused():
+    assert LaserConfig().cf_position == "after_text"  # the package's default; "prefix" is the paper's order
+    assert load_config(None).laser.cf_position == "after_text"
     with pytest.raises(ConfigError, match="laser.cf_position"):
         load_config(None, laser={"cf_position": "suffix"})
 

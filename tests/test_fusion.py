@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from test_laser import _copy_run, llm, sasrec_run, small_config  # noqa: F401 (llm, sasrec_run: fixtures)
 
 from laser_batch.checkpoint import CONFIG_FILE, LASER_DIR, WEIGHTS_FILE, load_laser
-from laser_batch.config import TextConfig
+from laser_batch.config import TextConfig, load_config
 from laser_batch.encode import encode_items, encode_users, laser_inputs, laser_scorer
 from laser_batch.errors import ConfigError
 from laser_batch.evaluate import evaluate_run
@@ -39,7 +39,7 @@ def _set_gate(model, value):
 
 
 def test_fusion_is_none_or_gated():
-    assert small_config().laser.fusion == "none"  # the paper, by default
+    assert load_config(None).laser.fusion == "gated"  # the package's default; "none" is the paper
     with pytest.raises(ConfigError, match="laser.fusion = 'sum' is invalid: expected one of none, gated"):
         small_config(laser={"fusion": "sum"})
 

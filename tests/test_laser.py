@@ -1,6 +1,7 @@
 """Laser on the embedded tiny LLM and a small slice of the example data (seconds per test)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +15,18 @@ from laser_batch.llm import load_llm
 from laser_batch.train import train_sasrec
 from laser_batch.train_laser import build_laser, train_laser
 
+# The paper's design (the M-Former's CF tokens before the text, ranking by Laser's cosine alone), small: most tests
+# check its mechanics and extend it. The package's defaults (text only, after the text, gated fusion) are checked
+# in test_fusion.py, test_cf_position.py and test_defaults_are_the_measured_combination below.
+PAPER_DESIGN = {"prefix": "mformer", "cf_position": "prefix", "fusion": "none", "center": False,
+                "temperature": 0.05, "valid_users": 0}
 SMALL = {
     "sasrec": {"hidden_size": 16, "max_len": 12, "dropout": 0.1},
     "train": {"epochs": 3, "batch_size": 16, "lr": 0.01, "threads": 1},
     "mformer": {"num_experts": 4, "num_queries": 4, "hidden_size": 32, "num_blocks": 2, "num_heads": 2},
     "text": {"max_history_items": 4, "max_text_tokens": 96},
-    "laser": {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 16, "lr": 0.003, "item_batch_size": 32},
+    "laser": {"stage1_epochs": 1, "stage2_epochs": 1, "batch_size": 16, "lr": 0.003, "item_batch_size": 32,
+              **PAPER_DESIGN},
 }
 
 
@@ -44,8 +51,11 @@ def sasrec_run(tmp_path_factory):
 
 
 def _toml(sections: dict) -> str:
-    return "\n".join(f"[{section}]\n" + "\n".join(f"{k} = {v!r}" for k, v in values.items())
-                     for section, values in sections.items()).replace("'", '"')
+    def value(v: object) -> str:
+        return str(v).lower() if isinstance(v, bool) else repr(v).replace("'", '"')
+
+    return "\n".join(f"[{section}]\n" + "\n".join(f"{k} = {value(v)}" for k, v in values.items())
+                     for section, values in sections.items())
 
 
 def _copy_run(sasrec_run, tmp_path):
@@ -390,3 +400,15 @@ def test_an_item_prefix_reads_the_configured_id_vector(sasrec_run, llm, source):
         torch.testing.assert_close(item_prefix, model.mformer(vectors, ids != 0).prefix)
         torch.testing.assert_close(user_prefix, model.mformer(model.sasrec(ids), ids != 0).prefix)
     assert torch.equal(item_prefix, user_prefix) == (source == "sequence")
+
+
+def test_defaults_are_the_measured_combination_and_laser_paper_toml_is_the_paper():
+    defaults = load_config(None)
+    assert (defaults.laser.prefix, defaults.laser.cf_position, defaults.laser.fusion) == ("free", "after_text", "gated")
+    assert defaults.llm.num_layers == 8 and defaults.laser.center and defaults.text.max_history_items == 3
+    paper = load_config(Path(__file__).resolve().parent.parent / "examples" / "laser_paper.toml")
+    assert (paper.laser.prefix, paper.laser.cf_position, paper.laser.fusion) == ("mformer", "prefix", "none")
+    assert paper.llm.num_layers == 0 and not paper.laser.center and paper.text.max_history_items == 10
+    assert (paper.mformer.hidden_size, paper.mformer.num_blocks, paper.mformer.num_experts) == (768, 12, 8)
+    assert (paper.laser.temperature, paper.laser.stage1_epochs, paper.laser.stage2_epochs) == (0.05, 15, 5)
+    assert (paper.laser.lr, paper.laser.batch_size, paper.laser.valid_users) == (1e-4, 4, 0)

@@ -86,10 +86,13 @@ def test_fingerprint_names_the_kept_layers():
     assert full.describe()["num_layers"] == full.describe()["source_layers"] == 2
 
 
-def test_more_layers_than_the_llm_has_is_refused():
-    with pytest.raises(ConfigError) as caught:
-        load_llm(LLMConfig("tiny", num_layers=3))
-    assert str(caught.value) == "llm.num_layers = 3 is invalid: the LLM tiny has 2 layers"
+def test_num_layers_is_an_upper_bound_so_the_default_keeps_a_smaller_llm_whole(caplog):
+    full = load_llm(LLMConfig("tiny", num_layers=0))
+    with caplog.at_level("INFO", logger="laser_batch.llm"):
+        above = load_llm(LLMConfig("tiny", num_layers=3))
+    assert above.fingerprint == full.fingerprint and above.describe()["num_layers"] == 2
+    assert "llm.num_layers = 3: the LLM tiny has 2 layers, all kept" in caplog.text
+    assert LLMConfig().num_layers == 8 and load_llm(LLMConfig("tiny")).fingerprint == full.fingerprint
 
 
 @pytest.mark.parametrize(("value", "message"), [(-1, "integer >= 0"), (True, "expected int"), (2.5, "expected int")])
