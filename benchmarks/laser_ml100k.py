@@ -45,6 +45,10 @@ VARIANTS = {  # model name -> config changes (DESIGN.md ablations)
     # (benchmarks/configs/laser_scientific_text.toml says why).
     "laser_text": {"llm": {"num_layers": 8}, "laser": {"prefix": "free", "cf_position": "after_text",
                                                         "fusion": "gated", "valid_users": 0}},
+    # laser_text with the gate guard the package's defaults have (laser.gate_guard: g stays 0 unless its validation
+    # gain's paired 95% interval is above 0); the base config predates the guard and keeps it off.
+    "laser_text_guard": {"llm": {"num_layers": 8}, "laser": {"prefix": "free", "cf_position": "after_text",
+                                                              "fusion": "gated", "valid_users": 0, "gate_guard": True}},
 }
 METRICS = ("HR@10", "NDCG@10", "MRR")
 

@@ -238,6 +238,10 @@ class LaserConfig:
     # for that item are out-of-sample as they are at validation and test (the run's own SASRec trained on it).
     # g is then fitted on validation after every epoch, as with "valid".
     gate_fit: str = "valid"
+    # Not in the paper. With gate_fit "valid" or "residual": keep g = 0 (SASRec's exact ranking) unless the chosen g's
+    # gain in train.select_metric over g = 0 on the validation users has a paired 95% bootstrap interval above 0, so
+    # that a run whose LLM part adds only noise on held-out data ships SASRec instead of that noise.
+    gate_guard: bool = True
 
     def __post_init__(self) -> None:
         _require(self.prefix in PREFIX_KINDS, "laser.prefix", self.prefix, f"one of {', '.join(PREFIX_KINDS)}")

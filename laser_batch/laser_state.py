@@ -19,7 +19,8 @@ from laser_batch.config import LaserConfig
 from laser_batch.contracts import first_line
 from laser_batch.encode import LaserInputs, encode_items, encode_users, laser_scorer, recenter_users
 from laser_batch.errors import CheckpointError
-from laser_batch.metrics import exclude_items, metrics_from_ranks, rank_targets, target_ranks
+from laser_batch.metrics import (exclude_items, metric_per_user, metrics_from_ranks, paired_bootstrap, rank_targets,
+                                 target_ranks)
 from laser_batch.model import Laser
 from laser_batch.sasrec import SASRec
 from laser_batch.sequences import Sequences
@@ -88,8 +89,10 @@ class LaserTraining:
 
         Each validation user is encoded once; SASRec's scores S and Laser's cosines C then give every candidate's
         ranking S + g * C / tau (history excluded, as `validate` ranks). Ties go to the smaller g, so g = 0 (SASRec's
-        exact ranking) stays unless Laser's part improves the selection metric. Returns the metrics at the chosen g
-        with "laser_alone_<select>" (Laser's cosine ranking by itself) added as a diagnostic.
+        exact ranking) stays unless Laser's part improves the selection metric, and with `laser.gate_guard` unless
+        the improvement's paired 95% bootstrap interval over these users is above 0 (else g = 0). Returns the metrics
+        at the chosen g with "laser_alone_<select>" (Laser's cosine ranking by itself) added as a diagnostic, and
+        with the guard "gate_fitted" (the best g before it) and "gate_gain_ci95_low" (the interval's lower end).
         """
         model, (histories, targets) = self.model, self.valid
         tau = model.config.temperature
@@ -106,9 +109,16 @@ class LaserTraining:
                 ranks[row, start:stop] = target_ranks(scores, targets[start:stop])
         per_gate = [metrics_from_ranks(r, self.ks) for r in ranks[:-1]]
         best = max(range(len(GATE_GRID)), key=lambda j: (per_gate[j][self.select], -j))
+        guard = {}
+        if best and self.config.gate_guard:  # is the gain over SASRec alone more than noise on these users?
+            _, (low, _) = paired_bootstrap(metric_per_user(ranks[0], self.select),
+                                           metric_per_user(ranks[best], self.select))
+            guard = {"gate_fitted": GATE_GRID[best], "gate_gain_ci95_low": low}
+            if low <= 0:
+                best = 0
         model.gate.fill_(GATE_GRID[best])
         alone = metrics_from_ranks(ranks[-1], self.ks)[self.select]
-        return {**per_gate[best], f"laser_alone_{self.select}": alone}
+        return {**per_gate[best], f"laser_alone_{self.select}": alone, **guard}
 
 
 @dataclass

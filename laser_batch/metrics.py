@@ -94,6 +94,19 @@ def ndcg_per_user(ranks: np.ndarray, k: int = 10) -> np.ndarray:
     return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
 
 
+def metric_per_user(ranks: np.ndarray, metric: str) -> np.ndarray:
+    """Each user's value of `metric` ("HR@K", "NDCG@K" or "MRR") from the 1-based rank of their one target."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    name, _, k = metric.partition("@")
+    if metric == "MRR":
+        return 1.0 / ranks
+    if name == "HR" and k.isdigit():
+        return (ranks <= int(k)).astype(np.float64)
+    if name == "NDCG" and k.isdigit():
+        return ndcg_per_user(ranks, int(k))
+    raise ValueError(f"unknown metric {metric!r}: expected HR@K, NDCG@K or MRR")
+
+
 def paired_bootstrap(
     baseline: np.ndarray, candidate: np.ndarray, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, tuple[float, float]]:

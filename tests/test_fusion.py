@@ -26,7 +26,8 @@ from laser_batch.train_laser import build_laser, parameter_groups, train_laser
 from laser_batch.training import sasrec_scores
 
 GATED = {"fusion": "gated", "gate_fit": "train"}  # g trained by gradient on the fused loss
-FITTED = {"fusion": "gated"}  # gate_fit = "valid" (the default): g chosen on validation after every epoch
+# gate_fit = "valid" (the default): g chosen on validation after every epoch; without the guard (tested on its own)
+FITTED = {"fusion": "gated", "gate_guard": False}
 
 
 def _metrics_lines(run):
@@ -314,6 +315,51 @@ def test_the_fitted_gate_is_the_grid_value_that_ranks_validation_best(sasrec_run
     assert best["gate"] == saved["gate"] == result.gate
     assert best["NDCG@10"] == pytest.approx(by_gate[chosen], abs=1e-9)
     assert evaluate_run(run, model="laser", split="valid")["metrics"]["NDCG@10"] == pytest.approx(by_gate[chosen])
+
+
+def test_the_guard_keeps_sasrec_unless_the_validation_gain_is_above_noise(sasrec_run, llm, tmp_path):
+    from laser_batch.metrics import metric_per_user, paired_bootstrap, rank_targets
+
+    guarded, free = _copy_run(sasrec_run, tmp_path / "guarded"), _copy_run(sasrec_run, tmp_path / "free")
+    settings = {"fusion": "gated", "stage1_epochs": 2, "stage2_epochs": 0, "lr": 0.02}
+    config = small_config(laser=settings)
+    assert config.laser.gate_guard  # on by default
+    train_laser(guarded, config, llm=llm)
+    train_laser(free, small_config(laser={**settings, "gate_guard": False}), llm=llm)
+    sasrec_valid = evaluate_run(guarded, model="sasrec", split="valid")["metrics"]["NDCG@10"]
+    # g does not enter Laser's own loss, so both runs train the same weights: the guard only changes which g is kept
+    for with_guard, without in zip(_metrics_lines(guarded), _metrics_lines(free), strict=True):
+        assert with_guard.get("gate_fitted", 0.0) == without["gate"]
+        if without["gate"] == 0.0:
+            assert with_guard["gate"] == 0.0 and "gate_gain_ci95_low" not in with_guard
+        elif with_guard["gate_gain_ci95_low"] > 0:
+            assert with_guard["gate"] == without["gate"] and with_guard["NDCG@10"] == without["NDCG@10"]
+        else:  # the gain is within noise: SASRec's exact ranking
+            assert with_guard["gate"] == 0.0 and with_guard["NDCG@10"] == pytest.approx(sasrec_valid, abs=1e-12)
+    # the recorded lower end, recomputed from the saved model of the run without the guard (its best epoch)
+    model, items, saved = load_laser(free, llm=llm)
+    best = next(r for r in _metrics_lines(free) if r["gate"] == saved["gate"] and r["gate"] > 0)
+    _, inputs, sequences = build_laser(config, free, llm)
+    histories, targets = sequences.split("valid")
+    ranks = {}
+    for g in (0.0, saved["gate"]):
+        _set_gate(model, g)
+        ranks[g] = rank_targets(laser_scorer(model, inputs, items, batch_size=8), histories, targets)
+    _, (low, _) = paired_bootstrap(metric_per_user(ranks[0.0], "NDCG@10"), metric_per_user(ranks[saved["gate"]],
+                                                                                             "NDCG@10"))
+    twin = next(r for r in _metrics_lines(guarded) if (r["stage"], r["epoch"]) == (best["stage"], best["epoch"]))
+    assert twin["gate_gain_ci95_low"] == pytest.approx(low, abs=1e-9)
+
+
+def test_metric_per_user_matches_the_aggregate_metrics():
+    from laser_batch.metrics import metric_per_user, metrics_from_ranks
+
+    ranks = np.array([1, 3, 10, 11, 250])
+    aggregate = metrics_from_ranks(ranks, [10])
+    for name in ("HR@10", "NDCG@10", "MRR"):
+        assert metric_per_user(ranks, name).mean() == pytest.approx(aggregate[name])
+    with pytest.raises(ValueError, match="unknown metric 'AUC'"):
+        metric_per_user(ranks, "AUC")
 
 
 RESIDUAL = {"fusion": "gated", "gate_fit": "residual"}  # Laser trains on held-out SASRec + cosine / tau
