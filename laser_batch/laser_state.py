@@ -94,31 +94,47 @@ class LaserTraining:
         at the chosen g with "laser_alone_<select>" (Laser's cosine ranking by itself) added as a diagnostic, and
         with the guard "gate_fitted" (the best g before it) and "gate_gain_ci95_low" (the interval's lower end).
         """
-        model, (histories, targets) = self.model, self.valid
-        tau = model.config.temperature
-        ranks = np.empty((len(GATE_GRID) + 1, len(targets)), dtype=np.int64)  # the last row: Laser alone
-        for start in range(0, len(targets), self.eval_batch_size):
-            stop = min(start + self.eval_batch_size, len(targets))
-            batch = list(histories[start:stop])
-            cosine = encode_users(model, self.inputs, batch, batch_size=self.config.item_batch_size) @ items.T
-            sasrec = model.sasrec_scores(self.inputs.id_history(batch))
-            candidates = [sasrec + g * cosine / tau for g in GATE_GRID] + [cosine]
-            for row, scores in enumerate(candidates):
-                scores = scores.numpy().astype(np.float32)
-                exclude_items(scores, batch)
-                ranks[row, start:stop] = target_ranks(scores, targets[start:stop])
-        per_gate = [metrics_from_ranks(r, self.ks) for r in ranks[:-1]]
-        best = max(range(len(GATE_GRID)), key=lambda j: (per_gate[j][self.select], -j))
-        guard = {}
-        if best and self.config.gate_guard:  # is the gain over SASRec alone more than noise on these users?
-            _, (low, _) = paired_bootstrap(metric_per_user(ranks[0], self.select),
-                                           metric_per_user(ranks[best], self.select))
-            guard = {"gate_fitted": GATE_GRID[best], "gate_gain_ci95_low": low}
-            if low <= 0:
-                best = 0
-        model.gate.fill_(GATE_GRID[best])
-        alone = metrics_from_ranks(ranks[-1], self.ks)[self.select]
-        return {**per_gate[best], f"laser_alone_{self.select}": alone, **guard}
+        histories, targets = self.valid
+        ranks = gate_grid_ranks(self.model, self.inputs, items, histories, targets,
+                                batch_size=self.eval_batch_size, encode_batch_size=self.config.item_batch_size)
+        chosen, metrics = choose_gate(ranks, self.ks, self.select, guard=self.config.gate_guard)
+        self.model.gate.fill_(GATE_GRID[chosen])
+        return metrics
+
+
+@torch.no_grad()
+def gate_grid_ranks(model: Laser, inputs: LaserInputs, items: torch.Tensor, histories: list[np.ndarray],
+                    targets: np.ndarray, *, batch_size: int, encode_batch_size: int) -> np.ndarray:
+    """The targets' ranks (len(GATE_GRID) + 1, users) under S + g * C / tau for each g of `GATE_GRID`, and last
+    under Laser's cosine C alone; each user is encoded once, history excluded."""
+    tau = model.config.temperature
+    ranks = np.empty((len(GATE_GRID) + 1, len(targets)), dtype=np.int64)
+    for start in range(0, len(targets), batch_size):
+        stop = min(start + batch_size, len(targets))
+        batch = list(histories[start:stop])
+        cosine = encode_users(model, inputs, batch, batch_size=encode_batch_size) @ items.T
+        sasrec = model.sasrec_scores(inputs.id_history(batch))
+        candidates = [sasrec + g * cosine / tau for g in GATE_GRID] + [cosine]
+        for row, scores in enumerate(candidates):
+            scores = scores.numpy().astype(np.float32)
+            exclude_items(scores, batch)
+            ranks[row, start:stop] = target_ranks(scores, targets[start:stop])
+    return ranks
+
+
+def choose_gate(ranks: np.ndarray, ks: list[int], select: str, *, guard: bool) -> tuple[int, dict[str, float]]:
+    """(index into `GATE_GRID`, the metrics at it) from `gate_grid_ranks`' output: the best `select`, ties to the
+    smaller g; with `guard`, 0 unless the gain over g = 0 has a paired 95% bootstrap interval above 0."""
+    per_gate = [metrics_from_ranks(r, ks) for r in ranks[:-1]]
+    best = max(range(len(GATE_GRID)), key=lambda j: (per_gate[j][select], -j))
+    checked = {}
+    if best and guard:  # is the gain over SASRec alone more than noise on these users?
+        _, (low, _) = paired_bootstrap(metric_per_user(ranks[0], select), metric_per_user(ranks[best], select))
+        checked = {"gate_fitted": GATE_GRID[best], "gate_gain_ci95_low": low}
+        if low <= 0:
+            best = 0
+    alone = metrics_from_ranks(ranks[-1], ks)[select]
+    return best, {**per_gate[best], f"laser_alone_{select}": alone, **checked}
 
 
 @dataclass
