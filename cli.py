@@ -332,7 +332,7 @@ def items_add(
     out: Annotated[Path, typer.Option("--out", help="The new artefact directory to write (ARTIFACTS is kept).")],
     id_vector: Annotated[IdVector, typer.Option(
         "--id-vector", help="A new item's fallback ID vector (it has no SASRec row): mean (of the catalogue's), "
-        "zeros, or neighbours (the mean of its 10 nearest catalogue items' by item embedding).")] = IdVector.mean,
+        "zeros, or neighbours (the mean of its 10 nearest catalogue items' by item embedding).")] = IdVector.neighbours,
     align: Annotated[Align, typer.Option(
         "--align", help="linear: map the graphs' encodings into the item matrix's space by an affine map fitted on "
         "re-encoded catalogue items (kept only if it beats none on held-out ones); none.")] = Align.linear,

@@ -73,7 +73,7 @@ CHECK_ITEMS = 64  # with --align none: catalogue items re-encoded only to measur
 RIDGE = (1e-3, 1e-2, 1e-1, 1.0)  # the alignment's ridge penalties (times items / width), chosen on held-out items
 
 
-def add_items(artifacts: Path, new_items: Path, out: Path, *, id_vector: str = "mean", align: str = "linear",
+def add_items(artifacts: Path, new_items: Path, out: Path, *, id_vector: str = "neighbours", align: str = "linear",
               align_items: int = ALIGN_ITEMS, overwrite: bool = False, batch_size: int = 32, threads: int = 0) -> dict:
     """Encode the items of NEW_ITEMS with the artefacts' graphs and write ARTIFACTS + them to OUT; returns the manifest.
 

@@ -61,7 +61,7 @@ def test_new_rows_are_appended_and_the_old_artefacts_and_rows_are_untouched(arti
     art = artifacts / "laser_art"
     before = {name: sha256_file(art / name) for name in [*load_manifest(art)["files"], MANIFEST]}
     new = _new_items(art, [3, 8, 20], suffix=" (2027)")
-    manifest = add_items(art, _write(new, tmp_path / "new.parquet"), tmp_path / "out")
+    manifest = add_items(art, _write(new, tmp_path / "new.parquet"), tmp_path / "out", id_vector="mean")
     assert {name: sha256_file(art / name) for name in before} == before
     out = tmp_path / "out"
     old, grown = np.load(art / "item_matrix.npy"), np.load(out / "item_matrix.npy")
