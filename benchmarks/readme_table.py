@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from scientific_table import RESULTS as SCIENTIFIC_RESULTS
 from scientific_table import DEFAULT_DESIGN, laser_scientific_table, scientific_headline
+from scientific_table import RESULTS as SCIENTIFIC_RESULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 LASER_ROWS = (("popularity", "popularity"), ("sasrec", "SASRec alone (frozen ID model)"), ("laser", "**Laser**"),
@@ -291,7 +291,8 @@ def headline_table(results_dir: Path) -> str:
                     f"| {reference} {_hr_ndcg(r['published'][key])} |")
     rows += scientific_headline(results_dir)
     ml100k = json.loads((results_dir / "laser_ml100k_soft_lowlr.json").read_text())["models"]
-    design = f"{DEFAULT_DESIGN}_guard" if f"{DEFAULT_DESIGN}_guard" in ml100k else DEFAULT_DESIGN  # with laser.gate_guard
+    guarded = f"{DEFAULT_DESIGN}_guard"  # the default design with laser.gate_guard, where it has run
+    design = guarded if guarded in ml100k else DEFAULT_DESIGN
     if design in ml100k:
         laser = ml100k[design]
         diff = laser["ndcg10_vs_sasrec"]

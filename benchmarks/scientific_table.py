@@ -66,7 +66,8 @@ def scientific_headline(results_dir: Path) -> list[str]:
             f"Laser paper: SASRec {_fmt(paper['sasrec'], 'NDCG@10')}, Laser {_fmt(paper['laser'], 'NDCG@10')} |"]
     if DEFAULT_DESIGN in r["models"]:
         laser = r["models"][DEFAULT_DESIGN]
-        rows.append(f"| Laser, the package's defaults (SmolLM2-135M, text only + gated fusion, g = {laser['gate']:.2f}) "
-                    f"on Amazon Scientific: test NDCG@10, difference to SASRec [95% CI] | {_fmt(laser, 'NDCG@10')}, "
+        rows.append(f"| Laser, the package's defaults (SmolLM2-135M, text only + gated fusion, "
+                    f"g = {laser['gate']:.2f}) on Amazon Scientific: test NDCG@10, difference to SASRec [95% CI] | "
+                    f"{_fmt(laser, 'NDCG@10')}, "
                     f"{_versus(laser)} | the paper's setup, same LLM: {_fmt(r['models']['laser_paper'], 'NDCG@10')} |")
     return rows

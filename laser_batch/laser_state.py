@@ -19,8 +19,14 @@ from laser_batch.config import LaserConfig
 from laser_batch.contracts import first_line
 from laser_batch.encode import LaserInputs, encode_items, encode_users, laser_scorer, recenter_users
 from laser_batch.errors import CheckpointError
-from laser_batch.metrics import (exclude_items, metric_per_user, metrics_from_ranks, paired_bootstrap, rank_targets,
-                                 target_ranks)
+from laser_batch.metrics import (
+    exclude_items,
+    metric_per_user,
+    metrics_from_ranks,
+    paired_bootstrap,
+    rank_targets,
+    target_ranks,
+)
 from laser_batch.model import Laser
 from laser_batch.sasrec import SASRec
 from laser_batch.sequences import Sequences
