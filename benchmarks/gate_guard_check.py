@@ -19,12 +19,13 @@ import logging
 from pathlib import Path
 
 from laser_batch.checkpoint import LASER_DIR, load_laser, read_run_info
-from laser_batch.config import TextConfig, from_dict
+from laser_batch.config import TextConfig, TrainConfig, from_dict
 from laser_batch.contracts import load_data_dir
 from laser_batch.encode import laser_inputs
 from laser_batch.laser_state import GATE_GRID, choose_gate, gate_grid_ranks
 from laser_batch.metrics import metric_per_user, paired_bootstrap
-from laser_batch.sequences import build_sequences, evenly_spread
+from laser_batch.sequences import build_sequences
+from laser_batch.train_laser import validation_users
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,18 +48,13 @@ def main() -> None:
     dataset = load_data_dir(Path(read_run_info(args.run)["data_dir"]))
     sequences = build_sequences(dataset.interactions)
     sequences.check_maps(args.run / LASER_DIR)
-    histories, targets = sequences.split("valid")
-    count = config["laser"]["valid_users"]
-    if count and count < len(targets):  # the subset training validated on (train_laser._prepare)
-        rows = evenly_spread(len(targets), count)
-        histories, targets = [histories[r] for r in rows], targets[rows]
+    histories, targets = validation_users(sequences, config["laser"]["valid_users"])  # the users training used
     inputs = laser_inputs(laser.llm, dataset.items, sequences, from_dict(TextConfig, config["text"], "text"),
                           laser.sasrec.config.max_len)
     logging.info("refitting g on %d validation users", len(targets))
     ranks = gate_grid_ranks(laser, inputs, items, histories, targets, batch_size=256,
                             encode_batch_size=config["laser"]["item_batch_size"])
-    select = args.select
-    ks = [int(select.partition("@")[2])] if "@" in select else [10]
+    select, ks = args.select, TrainConfig(select_metric=args.select).select_ks
     fitted, _ = choose_gate(ranks, ks, select, guard=False)
     if abs(GATE_GRID[fitted] - (config.get("gate") or 0.0)) > 1e-6:
         raise SystemExit(f"error: the refitted g {GATE_GRID[fitted]} differs from the run's {config.get('gate')}: "

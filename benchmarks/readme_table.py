@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from scientific_table import DEFAULT_DESIGN, laser_scientific_table, scientific_headline
+from scientific_table import DEFAULT_DESIGN, laser_scientific_table, scientific_headline, versus_cell
 from scientific_table import RESULTS as SCIENTIFIC_RESULTS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -295,10 +295,9 @@ def headline_table(results_dir: Path) -> str:
     design = guarded if guarded in ml100k else DEFAULT_DESIGN
     if design in ml100k:
         laser = ml100k[design]
-        diff = laser["ndcg10_vs_sasrec"]
         rows.append(f"| Laser, the package's defaults (SmolLM2-135M, g = {laser['gate']:.3f}) on MovieLens-100K: test "
                     f"HR@10 / NDCG@10, NDCG@10 difference to SASRec [95% CI] | {_hr_ndcg(laser)}, "
-                    f"{diff['diff']:+.4f} [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}] | SASRec alone "
+                    f"{versus_cell(laser)} | SASRec alone "
                     f"{_hr_ndcg(ml100k['sasrec'])}; popularity {_hr_ndcg(ml100k['popularity'])} |")
     score = json.loads((results_dir / "score_throughput.json").read_text())
     largest = {s.get("model", "laser"): s for s in sorted(score["scaling"], key=lambda s: s["users"])}

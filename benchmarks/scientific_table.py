@@ -14,7 +14,8 @@ def _fmt(metrics: dict | None, key: str) -> str:
     return f"{metrics[key]:.4f}" if metrics and metrics.get(key) is not None else "-"
 
 
-def _versus(row: dict) -> str:
+def versus_cell(row: dict) -> str:
+    """A row's paired NDCG@10 difference to SASRec with its interval, as a table cell."""
     v = row.get("ndcg10_vs_sasrec")
     return f"{v['diff']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]" if v else ""
 
@@ -37,7 +38,7 @@ def laser_scientific_table(results_dir: Path) -> str:
         m = r["models"][name]
         gate = "" if m.get("gate") is None else f"{m['gate']:.3f}"
         rows.append(f"| {_label(name, m)} | {_fmt(m, 'HR@10')} | {_fmt(m, 'NDCG@10')} | {_fmt(m, 'MRR')} "
-                    f"| {_versus(m)} | {m.get('seconds_per_epoch') or ''} | {m.get('trained_parameters', '')} "
+                    f"| {versus_cell(m)} | {m.get('seconds_per_epoch') or ''} | {m.get('trained_parameters', '')} "
                     f"| {gate} |")
     for key, label in (("sasrec", "SASRec, Laser paper"), ("laser", "Laser, Laser paper (frozen 6B LLM)")):
         p = r["paper"][key]
@@ -62,12 +63,12 @@ def scientific_headline(results_dir: Path) -> list[str]:
     r = json.loads(path.read_text())
     blend, sasrec, paper = r["models"]["sasrec_tfidf_blend"], r["models"]["sasrec"], r["paper"]
     rows = [f"| SASRec + TF-IDF title blend (no LLM) on Amazon Scientific: test NDCG@10, difference to SASRec "
-            f"[95% CI] | {_fmt(blend, 'NDCG@10')}, {_versus(blend)} | SASRec {_fmt(sasrec, 'NDCG@10')}; "
+            f"[95% CI] | {_fmt(blend, 'NDCG@10')}, {versus_cell(blend)} | SASRec {_fmt(sasrec, 'NDCG@10')}; "
             f"Laser paper: SASRec {_fmt(paper['sasrec'], 'NDCG@10')}, Laser {_fmt(paper['laser'], 'NDCG@10')} |"]
     if DEFAULT_DESIGN in r["models"]:
         laser = r["models"][DEFAULT_DESIGN]
         rows.append(f"| Laser, the package's defaults (SmolLM2-135M, text only + gated fusion, "
                     f"g = {laser['gate']:.2f}) on Amazon Scientific: test NDCG@10, difference to SASRec [95% CI] | "
-                    f"{_fmt(laser, 'NDCG@10')}, "
-                    f"{_versus(laser)} | the paper's setup, same LLM: {_fmt(r['models']['laser_paper'], 'NDCG@10')} |")
+                    f"{_fmt(laser, 'NDCG@10')}, {versus_cell(laser)} | the paper's setup, same LLM: "
+                    f"{_fmt(r['models']['laser_paper'], 'NDCG@10')} |")
     return rows

@@ -180,6 +180,16 @@ def heldout_sasrec(config: Config, sequences: Sequences, directory: Path, progre
     return fit.model.requires_grad_(False)
 
 
+def validation_users(sequences: Sequences, count: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """(histories, targets) of the validation split that select the best epoch and fit g: all users, or with
+    `laser.valid_users` = count a fixed, evenly spread subset of them (CPU budgets)."""
+    histories, targets = sequences.split("valid")
+    if count and count < len(targets):
+        rows = evenly_spread(len(targets), count)
+        histories, targets = [histories[r] for r in rows], targets[rows]
+    return histories, targets
+
+
 def _prepare(config: Config, model: Laser, inputs: LaserInputs, sequences: Sequences,
              progress: Progress) -> LaserTraining:
     """The optimiser, schedule, random generator and data subsets of a fresh run."""
@@ -188,10 +198,7 @@ def _prepare(config: Config, model: Laser, inputs: LaserInputs, sequences: Seque
     users_per_epoch = len(training_samples(sequences, cfg.samples_per_user, np.random.default_rng(0))[1])
     steps_per_epoch = math.ceil(math.ceil(users_per_epoch / cfg.batch_size) / cfg.grad_accumulation)
     scheduler = warmup_cosine(optimizer, steps_per_epoch * (cfg.stage1_epochs + cfg.stage2_epochs), cfg.warmup_ratio)
-    valid_histories, valid_targets = sequences.split("valid")
-    if cfg.valid_users and cfg.valid_users < len(valid_targets):  # a fixed, evenly spread subset (CPU budgets)
-        rows = evenly_spread(len(valid_targets), cfg.valid_users)
-        valid_histories, valid_targets = [valid_histories[r] for r in rows], valid_targets[rows]
+    valid_histories, valid_targets = validation_users(sequences, cfg.valid_users)
     centre_histories = []
     if cfg.center_users:  # a fixed sample of histories before each last training item
         train_histories = training_samples(sequences, 1, np.random.default_rng(0))[0]
