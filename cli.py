@@ -395,8 +395,12 @@ def score(
         "--interactions", help="USERS holds user_id, item_id, timestamp rows; group them into histories.")] = False,
     include_history: Annotated[bool, typer.Option(
         "--include-history", help="Also recommend items already in the history.")] = False,
-    variant: Annotated[str, typer.Option("--variant", help="A quantised user-encoder variant of the "
-                                         "artefacts (see manifest.json), e.g. nbits8.")] = "",
+    variant: Annotated[str, typer.Option("--variant", help="The user encoder: auto (on the CPU the export's "
+                                         "recommended_cpu_variant, the fastest quantised variant that passed its "
+                                         "quality gate, if any; else, and on CUDA, the exported graph), fp32 (the "
+                                         "exported graph; fp16 for an fp16 export) or a quantised variant in "
+                                         "manifest.json, e.g. nbits8. summary.json says which ran and why.")
+                       ] = "auto",
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Users read and written per part file.")] = 50_000,
     show: Annotated[int, typer.Option("--show", help="Print the top 5 of this many users when done.")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted job in OUT.")] = False,

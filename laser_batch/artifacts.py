@@ -20,10 +20,11 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-from laser_batch.errors import ArtifactError
+from laser_batch.errors import ArtifactError, InputError
 from laser_batch.files import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ ITEMS_TEXT = "items.parquet"
 TOKENIZER = "tokenizer.json"
 ITEM_ID_VECTORS = "item_id_vectors.npy"
 TRAIN_COUNTS = "train_interactions"  # the item_ids.parquet column of training interaction counts
+AUTO = "auto"  # `--variant auto`: see `resolve_variant`
+CPU = "CPUExecutionProvider"
 
 
 def file_record(directory: Path, name: str) -> dict:
@@ -203,6 +206,91 @@ def session(path: Path, provider_list: Sequence[str], *, threads: int = 0):
         raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0]})") from e
 
 
+class Variant(NamedTuple):
+    """The graph a job's users go through last, as `resolve_variant` chose it.
+
+    Attributes:
+        file: its file name in the artefact directory (SASRec artefacts: sasrec.onnx).
+        name: "fp32" or "fp16" for the exported graph (as the export wrote it), else the quantised scheme.
+        reason: why: "asked for", or why `--variant auto` chose it.
+    """
+
+    file: str
+    name: str
+    reason: str
+
+
+def variant_names(manifest: dict) -> list[str]:
+    """What `--variant` accepts for these artefacts: auto, the exported graph's names, the quantised variants that
+    were written (a skipped scheme has no file)."""
+    exported = ["fp32", "fp16"] if _graph_dtype(manifest) == "fp16" else ["fp32"]
+    return [AUTO, *exported, *sorted(_quantised(manifest))]
+
+
+def check_variant(manifest: dict, requested: str, *, directory: Path | str = "ARTIFACTS") -> None:
+    """Refuse a `--variant` these artefacts do not have (needs no session: the job core checks it before OUT).
+
+    Raises:
+        InputError: one line naming DIRECTORY/manifest.json and the variants present.
+    """
+    if requested not in ("", *variant_names(manifest)):
+        sasrec = " (SASRec artefacts have no user encoder to quantise)" if manifest["kind"] == "sasrec" else ""
+        raise InputError(f"--variant {requested}: not in {Path(directory) / MANIFEST}; present: "
+                         f"{', '.join(variant_names(manifest))}{sasrec}")
+
+
+def resolve_variant(manifest: dict, requested: str, provider: str, *,
+                    directory: Path | str = "ARTIFACTS") -> Variant:
+    """The graph that `--variant requested` means on `provider` (an ONNX Runtime execution provider).
+
+    "fp32" or "" (and "fp16" for an fp16 export): the exported graph as it is. A quantised scheme: its file.
+    "auto": on the CPU the export's `recommended_cpu_variant` (the fastest variant that passed its quality gate) when
+    it names a variant present, else the exported graph; on CUDA always the exported graph (the quantised variants
+    are int8 CPU kernels); SASRec artefacts have no user encoder and always run their exported graph.
+
+    Raises:
+        InputError: a variant the manifest does not have (`check_variant`).
+    """
+    check_variant(manifest, requested, directory=directory)
+    kind = manifest["kind"]
+    graph = manifest["graphs"]["sasrec" if kind == "sasrec" else "user_encoder"]
+    exported = _graph_dtype(manifest)
+    if requested in ("", "fp32", "fp16"):
+        changed = requested == "fp32" and exported == "fp16"  # "fp32" has always meant the exported graph
+        return Variant(graph["file"], exported, "asked for fp32: the exported graph, which this export wrote in "
+                                                "float16" if changed else "asked for")
+    quantised = _quantised(manifest)
+    if requested != AUTO:
+        return Variant(quantised[requested], requested, "asked for")
+    if kind == "sasrec":
+        return Variant(graph["file"], exported, "SASRec artefacts have no user-encoder variants")
+    if provider != CPU:
+        return Variant(graph["file"], exported, f"on {provider} the exported graph runs (the quantised variants "
+                                                "are for the CPU)")
+    if not quantised:
+        return Variant(graph["file"], exported, "no quantised variants in the manifest")
+    recommended = graph.get("recommended_cpu_variant")
+    if recommended is None:
+        return Variant(graph["file"], exported, "no quantised variant passed the export's quality gate "
+                                                "(recommended_cpu_variant is null)")
+    if recommended not in quantised:
+        return Variant(graph["file"], exported, f"recommended_cpu_variant {recommended!r} is not a variant in the "
+                                                "manifest")
+    return Variant(quantised[recommended], recommended, "the export's recommended_cpu_variant: the fastest variant "
+                                                        "that passed its quality gate")
+
+
+def _graph_dtype(manifest: dict) -> str:
+    """"fp16" or "fp32": the dtype the export wrote its graphs in (exports before the setting: fp32)."""
+    return "fp16" if manifest["settings"].get("graph_dtype") == "float16" else "fp32"
+
+
+def _quantised(manifest: dict) -> dict[str, str]:
+    """{scheme: file} of the user encoder's quantised variants that were written (skipped ones have no file)."""
+    variants = manifest["graphs"].get("user_encoder", {}).get("variants", {})
+    return {name: v["file"] for name, v in variants.items() if "file" in v}
+
+
 class Feeds(dict):
     """A batch's inputs of the last graph by name (what ONNX Runtime is fed), and `sasrec_state`: SASRec's user state
     (B, d_id) that a gated fusion's user vector starts with (None otherwise; no graph takes it)."""
@@ -216,16 +304,21 @@ class Embedder:
     Laser: SASRec ids -> sasrec.onnx -> the last `id_window` vectors -> mformer.onnx -> prefix;
     text -> token ids; prefix + tokens -> user_encoder.onnx -> embedding. With the gated fusion the user vector is
     [sasrec.onnx's last position ; g / tau * embedding]. SASRec: the last position's vector.
+
+    `variant` picks the user encoder (`resolve_variant`, on the provider the sessions really got): "fp32" (the
+    exported graph; "" too), "auto" or a quantised scheme of the manifest; `self.variant` says which and why.
     """
 
     def __init__(self, directory: Path, *, device: str = "auto", threads: int = 0, verify: bool = True,
-                 variant: str = "", io_binding: bool | None = None) -> None:
+                 variant: str = "fp32", io_binding: bool | None = None) -> None:
         directory = self.directory = Path(directory)
         self.threads = threads
         self.manifest = manifest = load_manifest(directory, verify=verify)
         self.kind = manifest["kind"]
+        check_variant(manifest, variant, directory=directory)  # before any session is loaded
         chosen = providers(device)
         self.sasrec = session(directory / manifest["graphs"]["sasrec"]["file"], chosen, threads=threads)
+        self.variant = resolve_variant(manifest, variant, self.sasrec.get_providers()[0], directory=directory)
         self.max_len = manifest["settings"]["sasrec_max_len"]
         self.mformer = self.user_encoder = self.text = None
         self.gate_scale: float | None = None  # g / tau of a gated fusion
@@ -241,9 +334,7 @@ class Embedder:
             graphs = manifest["graphs"]
             if "mformer" in graphs:
                 self.mformer = session(directory / graphs["mformer"]["file"], chosen, threads=threads)
-            encoder = graphs["user_encoder"]
-            file = encoder["variants"][variant]["file"] if variant else encoder["file"]
-            self.user_encoder = session(directory / file, chosen, threads=threads)
+            self.user_encoder = session(directory / self.variant.file, chosen, threads=threads)
             settings = manifest["settings"]
             self.text = TextEncoder(tokenizers.Tokenizer.from_file(str(directory / TOKENIZER)),
                                     pl.read_parquet(directory / ITEMS_TEXT), TextConfig(**settings["text"]),

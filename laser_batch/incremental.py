@@ -6,9 +6,11 @@ Every output carries one fingerprint per user with recommendations, in a side fi
 
 A user's fingerprint hashes the user's history item ids (as given, oldest first), the `candidates` list when the
 input has one, and the job's key: a hash of `options_record`, i.e. the manifest's sha256 and every option that
-changes results (top K, variant, include-history, the filters with the *contents* of their files, the output
-options). Execution options (batch size, token budget, threads, device, chunk size, engine) are not in it: they
-change scores only by float rounding, as a full run's own batching does.
+changes results (top K, include-history, the filters with the *contents* of their files, the output options, and
+the user-encoder variant as resolved (`artifacts.resolve_variant`): "auto" and the scheme it chose give the same
+results, and "auto" choosing another graph, e.g. on another device, is a change). Execution options (batch size,
+token budget, threads, device, chunk size, engine) are not in it: they change scores only by float rounding, as a
+full run's own batching does.
 
 `score ... --previous DIR` reads DIR's fingerprints once; a user whose fingerprint is unchanged gets DIR's rows
 copied, the others are encoded. When the model or an option changed, no fingerprint can match: nothing is reused,
@@ -40,12 +42,13 @@ FINGERPRINTS = "_fingerprints"
 FORMAT = 1  # of the fingerprint; a new format makes every previous fingerprint a mismatch (rescore all)
 
 
-def options_record(options, manifest_sha256: str, schema: dict) -> dict:
+def options_record(options, manifest_sha256: str, schema: dict, variant: str) -> dict:
     """What every user's fingerprint depends on besides the user's own input (`options`: the job's `JobOptions`,
-    `schema`: INPUT's). Filter files are named by the sha256 of their contents, not by their path."""
+    `schema`: INPUT's, `variant`: the resolved variant's name, not `--variant` as asked). Filter files are named by
+    the sha256 of their contents, not by their path."""
     return {
         "format": FORMAT, "manifest_sha256": manifest_sha256, "top_k": options.top_k,
-        "include_history": options.include_history, "variant": options.variant,
+        "include_history": options.include_history, "variant": variant,
         "user_ids": "string" if schema["user_id"] == pl.String else "integer",
         "candidates": CANDIDATES in schema and not options.interactions,
         "filters": {"allow_items": _content(options.allow_items), "deny_items": _content(options.deny_items),
@@ -152,22 +155,24 @@ class Setup:
                 "scored": totals["scored"] - totals["reused"], "fingerprint": self.record}
 
 
-def prepare(options, manifest_sha256: str, schema: dict, out: str) -> Setup:
-    """The job's `Setup`, with `options.previous` checked and its fingerprints read (InputError: see
-    `open_previous`)."""
-    record = options_record(options, manifest_sha256, schema)
-    setup = Setup(record, job_key(record), options.previous)
-    if options.previous is not None:
-        setup.previous, setup.reason = open_previous(options.previous, out, record, layout=options.layout)
-    return setup
+@dataclass(frozen=True)
+class PreviousOutput:
+    """A `--previous` output that passed `check_previous`: where it is, and the record its fingerprints were made with
+    (None: written before laser-batch recorded them)."""
+
+    location: str
+    fingerprint: dict | None
 
 
-def open_previous(location: str, out: str, record: dict, *, layout: str) -> tuple[Previous | None, str | None]:
-    """(the fingerprints of the previous output at `location`, None) or (None, why everything is rescored).
+def check_previous(options, out: str) -> PreviousOutput | None:
+    """`options.previous` checked before any model work (None: no `--previous`).
 
     Raises:
         InputError: no such directory, no `_SUCCESS` in it, written with another `--layout`, or it is OUT itself.
     """
+    location, layout = options.previous, options.layout
+    if location is None:
+        return None
     fs, root = _open(location)
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise InputError(f"--previous {location}: no such directory")
@@ -180,13 +185,32 @@ def open_previous(location: str, out: str, record: dict, *, layout: str) -> tupl
     if theirs != layout:
         raise InputError(f"--previous {location}: written with --layout {theirs}, this job writes --layout {layout}")
     summary = _json(fs, f"{root}/summary.json", location)
-    before = summary.get("incremental", {}).get("fingerprint")
-    if before is None:
+    return PreviousOutput(location, summary.get("incremental", {}).get("fingerprint"))
+
+
+def prepare(options, manifest_sha256: str, schema: dict, previous: PreviousOutput | None, *, variant: str) -> Setup:
+    """The job's `Setup`; `previous`: `check_previous`'s, whose fingerprints are read when they can match;
+    `variant`: the name of the variant the job runs, as resolved (it is known once the sessions are loaded)."""
+    record = options_record(options, manifest_sha256, schema, variant)
+    setup = Setup(record, job_key(record), options.previous)
+    if previous is not None:
+        setup.previous, setup.reason = open_previous(previous, record)
+    return setup
+
+
+def open_previous(previous: PreviousOutput, record: dict) -> tuple[Previous | None, str | None]:
+    """(the fingerprints of the previous output, None) or (None, why everything is rescored).
+
+    Raises:
+        InputError: its fingerprint directory holds no files.
+    """
+    if previous.fingerprint is None:
         return None, "the previous output has no fingerprints (written before laser-batch recorded them)"
-    reason = _changes(before, record)
+    reason = _changes(previous.fingerprint, record)
     if reason:
         return None, reason
-    return Previous(location, _read_fingerprints(fs, root, location)), None
+    fs, root = _open(previous.location)
+    return Previous(previous.location, _read_fingerprints(fs, root, previous.location)), None
 
 
 def _changes(before: dict, now: dict) -> str | None:

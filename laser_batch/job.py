@@ -7,7 +7,8 @@ treat OUT the same way, and write the same files:
     OUT/part-00000.parquet ...       user_id, rank, item_id, score (written by the engine's loop)
     OUT/_fingerprints/part-00000.parquet ...   user_id, fingerprint of the part's users (`laser_batch.incremental`)
     OUT/rejects.parquet              user_id, reason (one of REJECT_REASONS)
-    OUT/summary.json                 counts, rejects by reason, users/s, tokens/s, padding efficiency, provider
+    OUT/summary.json                 counts, rejects by reason, users/s, tokens/s, padding efficiency, provider,
+                                     the user-encoder variant that ran and why (`variant_summary`)
     OUT/report.html, report.json     with --report or --fail-on (`laser_batch.report`); a check that fails
                                      withholds _SUCCESS and keeps the rest
     OUT/_SUCCESS                     written last: nothing in OUT counts before it
@@ -30,6 +31,7 @@ import polars as pl
 import pyarrow.fs as pafs
 
 from laser_batch import filters, output, quality
+from laser_batch.artifacts import Variant, check_variant, load_manifest
 from laser_batch.errors import InputError
 from laser_batch.files import atomic_write
 
@@ -63,7 +65,9 @@ class JobOptions:
         device: "auto" (CUDA when ONNX Runtime has it, else CPU), "cpu" or "cuda".
         threads: ONNX Runtime intra-op threads (0: its default; Ray: one per CPU reserved for an actor).
         include_history: also recommend items already in the history (excluded by default).
-        variant: a quantised user-encoder variant from the manifest ("" = the exported graph).
+        variant: the user encoder (`artifacts.resolve_variant`): "auto" (on the CPU the export's recommended
+            quantised variant, else the exported graph), "fp32" (the exported graph; "" too) or a quantised scheme
+            of the manifest.
         io_binding: ONNX Runtime I/O binding (None: on with CUDA, off on the CPU).
         interactions: INPUT holds user_id, item_id, timestamp rows, grouped into histories first.
         chunk_size: users per part file (local: per chunk read and written; Ray: per batch).
@@ -83,7 +87,7 @@ class JobOptions:
     device: str = "auto"
     threads: int = 0
     include_history: bool = False
-    variant: str = ""
+    variant: str = "auto"
     io_binding: bool | None = None
     interactions: bool = False
     chunk_size: int = DEFAULT_CHUNK
@@ -139,6 +143,11 @@ class JobOptions:
 
         return write
 
+    def check_variant(self, artifacts: Path) -> None:
+        """Refuse a `--variant` that ARTIFACTS' manifest lacks (InputError naming the variants present); reads only
+        the manifest, so it runs with the cheap checks, before OUT is touched."""
+        check_variant(load_manifest(artifacts, verify=False, check_graphs=False), self.variant, directory=artifacts)
+
     def output_options(self, artifacts) -> output.OutputOptions:
         """The output options checked against ARTIFACTS (before any model work)."""
         return output.prepare(artifacts, explain=self.explain, with_item_columns=self.with_item_columns,
@@ -155,10 +164,11 @@ class JobOptions:
                 "device": self.device, "threads": self.threads, "include_history": self.include_history,
                 "variant": self.variant, "io_binding": self.io_binding}
 
-    def record(self, input_description: dict, manifest_sha256: str) -> dict:
-        """The job file: the engine's description of its input, then what both engines' results depend on."""
+    def record(self, input_description: dict, manifest_sha256: str, variant: str) -> dict:
+        """The job file: the engine's description of its input, then what both engines' results depend on
+        (`variant`: the resolved name, so a resumed "auto" must run what it ran before)."""
         return {**input_description, "interactions": self.interactions, "manifest_sha256": manifest_sha256,
-                "top_k": self.top_k, "include_history": self.include_history, "variant": self.variant,
+                "top_k": self.top_k, "include_history": self.include_history, "variant": variant,
                 "chunk_size": self.chunk_size, "filters": filters.options_record(self),
                 "output": output.options_record(self),
                 "previous": str(Path(self.previous).resolve()) if self.previous and "://" not in self.previous
@@ -250,6 +260,11 @@ def summarize(totals: Counter, *, rows: int, chunks: int, seconds: float, provid
         **{name: totals[name] for name in filters.COUNTS},
         "provider": provider, "providers": providers, **info,
     }
+
+
+def variant_summary(requested: str, variant: Variant) -> dict:
+    """The summary's record of the user encoder a job ran: its resolved name, the `--variant` asked for, and why."""
+    return {"variant": variant.name, "variant_requested": requested, "variant_reason": variant.reason}
 
 
 def commit(fs, root: str, rejects: list[pl.DataFrame], summary: dict, *, scratch: str,

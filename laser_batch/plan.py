@@ -1,7 +1,8 @@
 """`score --dry-run`: every check of a scoring job, a timed probe batch of real users, and the plan. Writes nothing.
 
-The checks are the local engine's own (`score.prepare_job`): OUT's state, the pinned manifest, the input's schema,
-the filters and output options, `--previous`, and the artefacts with their checksums (the sessions are loaded).
+The checks are the local engine's own (`score.prepare_job`): OUT's state, the pinned manifest, `--variant`, the
+input's schema, the filters and output options, the artefacts with their checksums (the sessions are loaded, and the
+plan says which user-encoder variant they run and why), and `--previous`.
 Then the first `--batch-size` users of the input are scored once (after a warm-up run of a few of them, so that
 session start-up is not timed), and their recommendations are written to memory to measure bytes per user.
 
@@ -63,7 +64,8 @@ def plan_job(users_path: str | Path, artifacts: str | Path, out: str | Path, **o
     per_user = buffer.getbuffer().nbytes / max(stats["scored"], 1)
     plan = {
         "users": rows, "chunks": max(1, math.ceil(rows / opts.chunk_size)), "chunk_size": opts.chunk_size,
-        "provider": recommender.providers[0], "probe_users": probe.height, "probe_scored": stats["scored"],
+        "provider": recommender.providers[0], **job.variant_summary(opts.variant, recommender.embedder.variant),
+        "probe_users": probe.height, "probe_scored": stats["scored"],
         "probe_seconds": round(seconds, 3), "users_per_second": round(rate, 1) if rate else None,
     }
     if opts.previous is not None:

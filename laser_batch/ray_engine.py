@@ -16,6 +16,9 @@ only when `--engine ray` is asked for.
   attempt that died is not in the returned list and is deleted at commit, so a retried batch never doubles.
 - Nothing in OUT counts until `_SUCCESS`: it is removed when a job starts and written after the commit.
   A failed or interrupted job is rerun from its start with `--resume` (Ray Data keeps no partial results).
+- The user-encoder variant is resolved once, on the driver, for the provider the actors run on (`--device cuda` with
+  GPUs, else the CPU), and every actor (and the driver's duplicates) runs that one variant by name: an "auto" job
+  never mixes the GPU's and the CPU's choice.
 - `--interactions`: the rows are grouped into users on the driver (Polars, streaming; the local engine's
   grouping) into the attempt's staging directory, and that file is the job's input.
 """
@@ -39,12 +42,20 @@ from pathlib import Path
 import polars as pl
 
 from laser_batch import errors, job
-from laser_batch.artifacts import ITEM_IDS, MANIFEST, check_manifest_sha256, load_manifest, manifest_sha256
+from laser_batch.artifacts import (
+    CPU,
+    ITEM_IDS,
+    MANIFEST,
+    check_manifest_sha256,
+    load_manifest,
+    manifest_sha256,
+    resolve_variant,
+)
 from laser_batch.contracts import first_line
 from laser_batch.errors import EngineError, InputError, LaserBatchError
 from laser_batch.files import atomic_write
 from laser_batch.filters import CANDIDATES
-from laser_batch.incremental import FINGERPRINTS, Setup, fingerprints, side_file
+from laser_batch.incremental import FINGERPRINTS, Setup, check_previous, fingerprints, side_file
 from laser_batch.incremental import prepare as prepare_incremental
 from laser_batch.inputs import (
     check_users_schema,
@@ -183,7 +194,8 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
 
     Raises:
         EngineError: Ray is not installed or not reachable, or the Ray job failed (OUT is then not finished).
-        InputError, ArtifactError: bad input, options or artefacts, before any Ray work.
+        InputError, ArtifactError: bad input, options or artefacts, before OUT is touched (those about the
+            cluster's resources once connected to it).
     """
     ray, _ = _import_ray()
     started = time.perf_counter()
@@ -196,25 +208,22 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
     model = local_artifacts(str(artifacts))
     if opts.expect_manifest_sha256 is not None:
         check_manifest_sha256(model, opts.expect_manifest_sha256)
-    load_manifest(model)  # a missing file or a failing checksum stops here, before Ray starts
+    manifest = load_manifest(model)  # a missing file or a failing checksum stops here, before Ray starts
+    opts.check_variant(model)
     in_fs, files = list_input(users)
     schema = check_users_schema(users, pl.read_parquet_schema(model / ITEM_IDS)["item_id"],
                                 interactions=opts.interactions, listed=(in_fs, files))
     prepared = opts.item_filters(model)  # read and checked here, once; the actors get the result
     prepared.check_input(schema, users)
     output = opts.output_options(model)
-    setup = prepare_incremental(opts, manifest_sha256(model), schema, str(out))  # --previous checked before Ray
+    previous = check_previous(opts, str(out))  # before Ray; its fingerprints are read once the variant is known
     columns = ["user_id", "history", *([CANDIDATES] if CANDIDATES in schema and not opts.interactions else [])]
     if opts.interactions:  # grouped into users below, once OUT is prepared
         rows, dups = row_count(in_fs, files), pl.DataFrame()
     else:
         rows, dups = duplicated_users(in_fs, files, columns=columns)
     job.check_rows(rows, users)
-    record = opts.record({"engine": "ray", "input": [in_fs.get_file_info(f).size for f in files], "files": files},
-                         manifest_sha256(model))
-    # Ray Data keeps no partial results: a resumed job starts again from an empty OUT.
-    job.open_out(out_fs, root, str(out), record, resume=opts.resume, keep_finished=False)
-    _connect(ray, ray_address)
+    _connect(ray, ray_address)  # the cluster's GPUs decide the actors' provider, hence the variant
     resources = ray.cluster_resources()
     device, threads = opts.device, opts.threads
     if gpus_per_worker is None:
@@ -224,11 +233,18 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
     if device == "cuda" and gpus_per_worker == 0:
         raise InputError("--device cuda with --engine ray needs GPUs on the cluster (--gpus-per-worker > 0)")
     cpus = 1 if gpus_per_worker else max(1, threads)
+    variant = resolve_variant(manifest, opts.variant, "CUDAExecutionProvider" if gpus_per_worker else CPU,
+                              directory=model)
+    setup = prepare_incremental(opts, manifest_sha256(model), schema, previous, variant=variant.name)
+    record = opts.record({"engine": "ray", "input": [in_fs.get_file_info(f).size for f in files], "files": files},
+                         manifest_sha256(model), variant.name)
+    # Ray Data keeps no partial results: a resumed job starts again from an empty OUT.
+    job.open_out(out_fs, root, str(out), record, resume=opts.resume, keep_finished=False)
     if not workers:
         workers = (max(1, int(resources.get("GPU", 0) // gpus_per_worker)) if gpus_per_worker
                    else max(1, int(resources.get("CPU", 1) // cpus) - 1))
     options = {**opts.recommender(), "threads": threads or cpus, "device": "cuda" if gpus_per_worker else "cpu",
-               "filters": prepared, "output": output, "previous": setup.previous}
+               "variant": variant.name, "filters": prepared, "output": output, "previous": setup.previous}
     attempt = f"{STAGING}/{uuid.uuid4().hex[:12]}"
     staging = f"{root}/{attempt}"  # on out_fs; the actors open it from its location
     out_fs.create_dir(staging)
@@ -273,7 +289,7 @@ def score_ray(users: str | Path, artifacts: str | Path, out: str | Path, *, ray_
         results.append(_score_duplicates(dups, model, options, out_fs, staging, setup.key))
     return _commit(out_fs, root, staging, results, rows, started, model=str(artifacts), top_k=opts.top_k,
                    manifest_sha256=record["manifest_sha256"], workers=workers, gpus_per_worker=gpus_per_worker,
-                   kind=_kind(model), filters=prepared.info, setup=setup,
+                   kind=_kind(model), **job.variant_summary(opts.variant, variant), filters=prepared.info, setup=setup,
                    before_success=before_success)
 
 

@@ -2,7 +2,8 @@
 
     OUT_DIR/part-00000.parquet ...   user_id, rank, item_id, score   (original ids and types; rank 1 = best)
     OUT_DIR/rejects.parquet          user_id, reason
-    OUT_DIR/summary.json             counts, rejects by reason, users/s, tokens/s, padding efficiency, provider
+    OUT_DIR/summary.json             counts, rejects by reason, users/s, tokens/s, padding efficiency, provider,
+                                     the user-encoder variant (variant, variant_requested, variant_reason)
     OUT_DIR/_SUCCESS                 written last
 
 This module is the local engine: `Recommender` and the loop over chunks. The option checks, OUT's states (new,
@@ -36,7 +37,16 @@ from laser_batch import job, metrics
 from laser_batch.artifacts import ITEM_IDS, ITEM_MATRIX, Embedder, check_manifest_sha256, manifest_sha256
 from laser_batch.files import atomic_write
 from laser_batch.filters import ItemFilters
-from laser_batch.incremental import FINGERPRINTS, Previous, Setup, copied_counts, fingerprints, merge, side_file
+from laser_batch.incremental import (
+    FINGERPRINTS,
+    Previous,
+    Setup,
+    check_previous,
+    copied_counts,
+    fingerprints,
+    merge,
+    side_file,
+)
 from laser_batch.incremental import prepare as prepare_incremental
 from laser_batch.inputs import check_users_schema, filesystem, group_interactions, input_files
 from laser_batch.job import DEFAULT_MAX_BATCH_TOKENS, JobOptions, Progress
@@ -63,7 +73,8 @@ class Recommender:
         device: "auto" (CUDA when ONNX Runtime has it, else CPU), "cpu" or "cuda" (an error without CUDA).
         threads: ONNX Runtime intra-op threads (0: its default).
         include_history: also recommend items already in the history (excluded by default).
-        variant: a quantised user-encoder variant from the manifest ("" = the exported graph).
+        variant: the user encoder (`artifacts.resolve_variant`): "auto" (on the CPU the export's recommended quantised
+            variant, else the exported graph), "fp32" (the exported graph; "" too) or a quantised scheme.
         io_binding: run the graphs with ONNX Runtime I/O binding (the M-Former's prefix stays on the device for
             the user encoder); None: on with CUDA, off on the CPU, where it gives the same numbers.
         filters: business filters and backfill (`laser_batch.filters.prepare`); None: none.
@@ -75,7 +86,7 @@ class Recommender:
 
     def __init__(self, artifacts: Path, *, top_k: int = 20, batch_size: int = 64,
                  max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS, device: str = "auto", threads: int = 0,
-                 include_history: bool = False, variant: str = "", io_binding: bool | None = None,
+                 include_history: bool = False, variant: str = "auto", io_binding: bool | None = None,
                  filters: ItemFilters | None = None, output: OutputOptions | None = None,
                  previous: Previous | None = None) -> None:
         job.check_positive({"--top-k": top_k, "--batch-size": batch_size, "--max-batch-tokens": max_batch_tokens})
@@ -261,8 +272,9 @@ def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Calla
     job.check_out(fs, root, str(out), resume=opts.resume, overwrite=opts.overwrite)  # before any model work
     before_success = opts.before_success(fs, root, str(out))
     recommender, setup, files = prepare_job(users_path, Path(artifacts), out, opts)
+    variant = recommender.embedder.variant
     record = opts.record({"input": str(users_path.resolve()), "input_files": [
-        [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}, recommender.manifest_sha256)
+        [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}, recommender.manifest_sha256, variant.name)
     job.open_out(fs, root, str(out), record, resume=opts.resume, keep_finished=True)
     chunk_size = opts.chunk_size
     source = [_grouped_interactions(fs, files, out)] if opts.interactions else files
@@ -275,8 +287,9 @@ def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Calla
     first_open = next((k for k in range(chunks) if k not in set(done)), chunks)
     seen = _seen_before(source, first_open * chunk_size)
     finished = sum(min(chunk_size, rows - k * chunk_size) for k in done)
-    logger.info("scoring %d users in %d chunk(s) of %d on %s%s%s", rows, chunks, chunk_size,
-                recommender.providers[0], f" (resuming: {len(done)} done)" if done else "",
+    logger.info("scoring %d users in %d chunk(s) of %d on %s, variant %s (%s)%s%s", rows, chunks, chunk_size,
+                recommender.providers[0], variant.name, variant.reason,
+                f" (resuming: {len(done)} done)" if done else "",
                 f"; reusing unchanged users of {opts.previous}" if setup.previous is not None
                 else f"; every user is scored: {setup.reason}" if setup.reason else "")
     for k in range(chunks):
@@ -297,23 +310,27 @@ def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Calla
         if on_chunk is not None:
             on_chunk(Progress(chunk=k, chunks=chunks, users=users.height, done=finished, total=rows))
     return _finish(fs, root, out, chunks, recommender, time.perf_counter() - started, rows, setup,
-                   before_success)
+                   before_success, job.variant_summary(opts.variant, variant))
 
 
 def prepare_job(users_path: Path, artifacts: Path, out: Path, opts: JobOptions) -> tuple[Recommender, Setup,
                                                                                         list[Path]]:
-    """Every check of a local job before it touches OUT: pinned manifest, input schema, filters, output options,
-    `--previous`, then the model (its checksums verified). Returns (recommender, incremental setup, input files).
-    Shared with `laser_batch.plan` (`score --dry-run`)."""
+    """Every check of a local job before it touches OUT: pinned manifest, `--variant`, input schema, filters, output
+    options, `--previous`, then the model (its checksums verified, the variant resolved on the provider its sessions
+    got, and with it the fingerprints' key). Returns (recommender, incremental setup, input files). Shared with
+    `laser_batch.plan` (`score --dry-run`)."""
     if opts.expect_manifest_sha256 is not None:
         check_manifest_sha256(artifacts, opts.expect_manifest_sha256)
+    opts.check_variant(artifacts)
     schema = check_users_schema(users_path, interactions=opts.interactions)
     prepared = opts.item_filters(artifacts)
     prepared.check_input(schema, users_path)
     output = opts.output_options(artifacts)
-    setup = prepare_incremental(opts, manifest_sha256(artifacts), schema, str(out))
-    recommender = Recommender(artifacts, **opts.recommender(), filters=prepared, output=output,
-                              previous=setup.previous)
+    previous = check_previous(opts, str(out))
+    recommender = Recommender(artifacts, **opts.recommender(), filters=prepared, output=output)
+    setup = prepare_incremental(opts, recommender.manifest_sha256, schema, previous,
+                                variant=recommender.embedder.variant.name)
+    recommender.previous = setup.previous
     check_users_schema(users_path, recommender.item_id_dtype, interactions=opts.interactions)
     return recommender, setup, input_files(users_path)
 
@@ -370,7 +387,7 @@ def _seen_before(source: list[Path], rows: int) -> SeenUsers:
 
 
 def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, seconds: float, rows: int,
-            setup: Setup, before_success: Callable[[], None] | None) -> dict:
+            setup: Setup, before_success: Callable[[], None] | None, variant: dict) -> dict:
     totals: Counter = Counter()
     for k in range(chunks):
         totals.update(json.loads((out / STATS_DIR / f"stats-{k:05d}.json").read_text()))
@@ -378,7 +395,7 @@ def _finish(fs, root: str, out: Path, chunks: int, recommender: Recommender, sec
         totals, rows=rows, chunks=chunks, seconds=seconds, provider=recommender.providers[0],
         providers=recommender.providers, model=str(recommender.artifacts), model_kind=recommender.embedder.kind,
         manifest_sha256=recommender.manifest_sha256, top_k=recommender.top_k, batch_size=recommender.batch_size,
-        max_batch_tokens=recommender.max_batch_tokens, io_binding=recommender.embedder.io_binding,
+        max_batch_tokens=recommender.max_batch_tokens, io_binding=recommender.embedder.io_binding, **variant,
         filters=recommender.filters.info, incremental=setup.summary(totals))
     rejects = [pl.read_parquet(p) for p in sorted((out / STATS_DIR).glob("rejects-*.parquet"))]
     job.commit(fs, root, rejects, summary, scratch=f"{root}/{WORK_DIR}", before_success=before_success)
