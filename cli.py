@@ -295,6 +295,9 @@ def export(
     validate_users: Annotated[int, typer.Option("--validate-users", help="Held-out users for the end-to-end "
                                                 "check.")] = 256,
     threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime threads for checks (0: default).")] = 0,
+    gate_users: Annotated[int, typer.Option("--gate-users", help="Users whose validation and test targets the "
+                                            "quality gate of --quantize variants judges (2 pairs each; 0: every "
+                                            "user).")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing ARTIFACTS directory.")] = False,
 ) -> None:
     """Export a trained run to ONNX (through Optimum), validated against torch, with a manifest."""
@@ -303,14 +306,26 @@ def export(
         from laser_batch.exporters.export import export_run
 
         manifest = export_run(run_dir, out, model=model.value if model else None, dtype=dtype.value,
-                              quantize=quantize, validate_users=validate_users, threads=threads, overwrite=overwrite)
+                              quantize=quantize, validate_users=validate_users, threads=threads,
+                              gate_users=gate_users, overwrite=overwrite)
     e2e = manifest.get("end_to_end")
     check = (f"end to end on {e2e['users']} held-out users: min cosine {e2e['min_cosine']:.6f}, "
              f"top-10 same for {e2e['top10']['same_set']:.1%}") if e2e else "no held-out users (data gone)"
     typer.echo(f"{out}: {manifest['kind']} exported in {manifest['export_seconds']:.0f}s; {check}")
-    for scheme, v in manifest["graphs"].get("user_encoder", {}).get("variants", {}).items():
-        typer.echo(f"  {scheme:<20} top-10 same as fp32 {v['top10_vs_fp32']['same_set']:.1%}, "
-                   f"Recall@10 change {v['recall@10_change']:+.4f}, {v['speedup_vs_fp32']:.2f}x fp32 speed")
+    encoder = manifest["graphs"].get("user_encoder", {})
+    for scheme, v in encoder.get("variants", {}).items():
+        if "gate" not in v:
+            typer.echo(f"  {scheme:<20} skipped: {v.get('skipped')}")
+            continue
+        g = v["gate"]
+        low, high = g["ndcg10_diff_ci95"]
+        verdict = "non-inferior" if g["non_inferior"] else "inferior"
+        typer.echo(f"  {scheme:<20} NDCG@10 {g['ndcg10']:.4f} vs fp32 {g['ndcg10_fp32']:.4f}, "
+                   f"diff {g['ndcg10_diff']:+.4f} [{low:+.4f}, {high:+.4f}] ({verdict}), "
+                   f"{v['speedup_vs_fp32']:.2f}x fp32 speed")
+    if encoder.get("variants"):
+        typer.echo(f"  recommended CPU variant: {encoder.get('recommended_cpu_variant') or 'fp32'} "
+                   f"({encoder.get('recommended_reason')})")
 
 
 class IdVector(str, Enum):

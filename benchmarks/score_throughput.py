@@ -50,8 +50,18 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean([set(x) == set(y) for x, y in zip(a.tolist(), b.tolist(), strict=True)]))
 
 
+def cpu_flags() -> dict:
+    """The CPU's model name and the flags that decide bf16 / int8 speed (AVX-512 BF16 and VNNI, AMX tiles)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    wanted = sorted({"avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni"} | {f for f in flags if f.startswith("amx")})
+    return {"model_name": model, **{flag: flag in flags for flag in wanted}}
+
+
 def compare(run: Path, artifacts: Path, users: int, threads: int, batch_size: int) -> dict:
-    """Users/s of torch eager fp32 / bf16 / compiled bf16 and of every ORT variant, on the same users."""
+    """Users/s of torch eager fp32 / bf16 / compiled bf16 and of every ORT variant, on the same users, with each
+    variant's quality gate from the export (exporters/gate.py) and `recommended_cpu_variant`."""
     import torch
 
     from laser_batch.artifacts import Embedder
@@ -67,17 +77,24 @@ def compare(run: Path, artifacts: Path, users: int, threads: int, batch_size: in
     dataset = load_data_dir(read_run_info(run)["data_dir"])
     sequences = build_sequences(dataset.interactions)
     histories, _ = sample(*sequences.split("test"), users)
-    embedder = Embedder(artifacts, device="cpu", threads=threads)
+    embedder = Embedder(artifacts, device="cpu", threads=threads, variant="fp32")
     item_matrix = np.load(artifacts / "item_matrix.npy").astype(np.float32)
     batches = _batches(embedder.text.lengths(histories), batch_size)
-    out: dict = {"run": str(run), "users": len(histories), "batch_size": batch_size}
+    encoder = embedder.manifest["graphs"]["user_encoder"]
+    out: dict = {"model": str(run), "artifacts": str(artifacts), "users": len(histories), "batch_size": batch_size,
+                 "recommended_cpu_variant": encoder.get("recommended_cpu_variant"),
+                 "recommended_reason": encoder.get("recommended_reason"), "cpu_flags": cpu_flags(),
+                 "gate": {k: v for k, v in encoder.get("gate", {}).items() if k != "torch_bf16"}}
 
     def timed(embed) -> tuple[np.ndarray, float]:
         embed([histories[i] for i in batches[0]])  # warm-up (and compilation)
-        result = np.empty((len(histories), item_matrix.shape[1]), dtype=np.float32)
+        result = None
         started = time.perf_counter()
         for rows in batches:
-            result[rows] = embed([histories[i] for i in rows])
+            vectors = embed([histories[i] for i in rows])
+            if result is None:
+                result = np.empty((len(histories), vectors.shape[1]), dtype=np.float32)
+            result[rows] = vectors
             _ = result[rows] @ item_matrix.T
         return result, len(histories) / (time.perf_counter() - started)
 
@@ -88,15 +105,20 @@ def compare(run: Path, artifacts: Path, users: int, threads: int, batch_size: in
     inputs = laser_inputs(model.llm, dataset.items, sequences, TextConfig(**config["text"]),
                           model.sasrec.config.max_len)
 
-    def torch_embed(histories_batch):
+    def torch_embed(histories_batch):  # the user vectors the item matrix scores, as the ORT scorer makes them
         with torch.no_grad():
-            return model(*inputs.users(histories_batch))[0].float().numpy()
+            users = model(*inputs.users(histories_batch))[0].float()
+            if model.fused:
+                users = model.fused_users(users, inputs.id_history(histories_batch))
+            return users.numpy()
 
     model.llm.model.float()
     reference, out["torch_fp32_users_per_s"] = timed(torch_embed)
     model.llm.model.to(torch.bfloat16)
     bf16, out["torch_bf16_users_per_s"] = timed(torch_embed)
     out["torch_bf16_top10_agreement"] = _agreement(_top10(reference, item_matrix), _top10(bf16, item_matrix))
+    if "torch_bf16" in encoder.get("gate", {}):
+        out["torch_bf16_gate"] = _gate_row(encoder["gate"]["torch_bf16"])
     try:
         import torch._inductor.config as inductor
 
@@ -111,13 +133,28 @@ def compare(run: Path, artifacts: Path, users: int, threads: int, batch_size: in
         out["torch_compile_error"] = str(e).splitlines()[0][:300]
     reference_top = _top10(reference, item_matrix)
     out["ort"] = []
-    variants = ["", *(name for name, v in manifest["graphs"]["user_encoder"].get("variants", {}).items()
-                      if "file" in v)]  # not the schemes skipped for this LLM
+    variants = ["fp32", *(name for name, v in encoder.get("variants", {}).items()
+                          if "file" in v)]  # not the schemes skipped for this LLM
     for variant in variants:
         ort = Embedder(artifacts, device="cpu", threads=threads, variant=variant, verify=False)
         got, speed = timed(ort.embed)
-        out["ort"].append({"variant": variant or "fp32", "users_per_s": round(speed, 2),
-                           "top10_agreement": _agreement(reference_top, _top10(got, item_matrix))})
+        row = {"variant": variant, "users_per_s": round(speed, 2),
+               "top10_agreement": _agreement(reference_top, _top10(got, item_matrix))}
+        if variant == "fp32":
+            row.update(non_inferior=True, ndcg10_diff_ci95=[0.0, 0.0], hit_changes=0, top10_overlap=1.0)
+        else:
+            row.update(_gate_row(encoder["variants"][variant]["gate"]))
+            row["export_speedup_vs_fp32"] = encoder["variants"][variant]["speedup_vs_fp32"]
+        out["ort"].append(row)
+    fp32_speed = out["ort"][0]["users_per_s"]
+    for row in out["ort"]:
+        row["speedup_vs_ort_fp32"] = round(row["users_per_s"] / fp32_speed, 3)
+    chosen = out["recommended_cpu_variant"] or "fp32"
+    speed = next(r["users_per_s"] for r in out["ort"] if r["variant"] == chosen)
+    out["recommended_vs"] = {"ort_fp32": round(speed / fp32_speed, 3),
+                             "torch_bf16": round(speed / out["torch_bf16_users_per_s"], 3),
+                             **({"torch_compile_bf16": round(speed / out["torch_compile_bf16_users_per_s"], 3)}
+                                if out.get("torch_compile_bf16_users_per_s") else {})}
     real = padded = 0
     for rows in batches:
         mask = embedder.feeds([histories[i] for i in rows])["attention_mask"]
@@ -127,6 +164,14 @@ def compare(run: Path, artifacts: Path, users: int, threads: int, batch_size: in
         if out.get(key) is not None:
             out[key] = round(out[key], 2)
     return out
+
+
+def _gate_row(gate: dict) -> dict:
+    """A variant's quality gate as the benchmark's row shows it."""
+    return {"non_inferior": gate["non_inferior"], "ndcg10_diff": round(gate["ndcg10_diff"], 5),
+            "ndcg10_diff_ci95": [round(x, 5) for x in gate["ndcg10_diff_ci95"]],
+            "non_inferiority_bar": round(gate["non_inferiority_bar"], 5), "hit_changes": gate["hit_changes"],
+            "top10_overlap": round(gate["top10_overlap"], 4), "pairs": gate["pairs"]}
 
 
 def tiny_run(work: Path, threads: int, *, laser: bool = True) -> tuple[Path, Path]:
@@ -191,9 +236,9 @@ def _scaling_key(row: dict) -> tuple:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, default=WORK / "ml100k" / "run_laser")
-    parser.add_argument("--artifacts", type=Path, default=WORK / "ml100k" / "artifacts")
-    parser.add_argument("--users", type=int, default=256)
+    parser.add_argument("--run", type=Path, default=WORK / "Scientific" / "run_laser_text")
+    parser.add_argument("--artifacts", type=Path, default=WORK / "Scientific" / "artifacts")
+    parser.add_argument("--users", type=int, default=384)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scaling", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])

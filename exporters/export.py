@@ -9,6 +9,7 @@ temporary directory next to ARTIFACTS and renamed into place only when it all pa
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from laser_batch.config import TextConfig
 from laser_batch.contracts import load_data_dir
 from laser_batch.encode import encode_users, laser_inputs
 from laser_batch.errors import ArtifactError, CheckpointError, InputError
+from laser_batch.exporters.gate import GATE_USERS, Pairs, gate_pairs
 from laser_batch.exporters.manifest import new_manifest, write_manifest
 from laser_batch.exporters.parts import (
     MFormerOnnxConfig,
@@ -41,7 +43,7 @@ from laser_batch.exporters.parts import (
 from laser_batch.exporters.quantize import CALIBRATION_USERS, add_variants, parse_schemes
 from laser_batch.exporters.validate import FP16_MIN_COSINE, HeldOut, end_to_end, sample
 from laser_batch.files import replace_directory
-from laser_batch.sequences import Sequences, build_sequences, pad_left
+from laser_batch.sequences import Sequences, build_sequences, evenly_spread, pad_left
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ def export_run(
     validate_users: int = 256,
     quantize: list[str] | None = None,
     threads: int = 0,
+    gate_users: int = GATE_USERS,
     llm=None,
 ) -> dict:
     """Export RUN_DIR's Laser (or SASRec) stage to ARTIFACTS `out`; returns the manifest written.
@@ -71,6 +74,8 @@ def export_run(
         quantize: quantised user-encoder variants to add (exporters/quantize.py; "int8" = every scheme), each
             measured against fp32 on the held-out users.
         threads: ONNX Runtime threads for the checks and timings (0: its default).
+        gate_users: users whose validation and test pairs the quality gate of the quantised variants judges
+            (exporters/gate.py); 0: every user.
         llm: an already loaded LLM (tests); by default the one the run names (its fingerprint is checked).
 
     Raises:
@@ -101,7 +106,7 @@ def export_run(
     try:
         if model == "laser":
             manifest, held_out = _export_laser(run_dir, partial, validate_users, llm, schemes, threads,
-                                               every_scheme=every_scheme)
+                                               every_scheme=every_scheme, gate_users=gate_users)
         else:
             manifest, held_out = _export_sasrec(run_dir, partial, validate_users)
         if dtype == "fp16":
@@ -141,7 +146,7 @@ def _export_sasrec(run_dir: Path, directory: Path, validate_users: int) -> tuple
 
 def _export_laser(
     run_dir: Path, directory: Path, validate_users: int, llm, schemes: list[str], threads: int, *,
-    every_scheme: bool = False,
+    every_scheme: bool = False, gate_users: int = GATE_USERS,
 ) -> tuple[dict, HeldOut]:
     laser, item_matrix, ckpt = load_laser(run_dir, llm=llm)  # refuses an LLM with another fingerprint
     trained_dtype = str(laser.llm.model.dtype).removeprefix("torch.")
@@ -197,13 +202,30 @@ def _export_laser(
     held_out = HeldOut(histories, targets, reference.numpy())
     manifest["end_to_end"] = end_to_end(directory, held_out, np.load(directory / ITEM_MATRIX))
     if schemes:
-        calibration = sample(*sequences.split("valid"), CALIBRATION_USERS)[0]  # not the measured test histories
+        # Calibration: validation histories of users other than the gate's (whose validation pairs it judges).
+        pairs = gate_pairs(sequences, gate_users)
+        judged = set(evenly_spread(sequences.num_users, gate_users or sequences.num_users).tolist())
+        others = [r for r in evenly_spread(sequences.num_users, sequences.num_users) if r not in judged]
+        valid_histories = sequences.split("valid")[0]
+        calibration = [valid_histories[others[i]] for i in evenly_spread(len(others), CALIBRATION_USERS)] \
+            if others else sample(*sequences.split("valid"), CALIBRATION_USERS)[0]
         graphs["user_encoder"].update(add_variants(
             directory, laser, schemes, every_scheme=every_scheme, torch_inputs=torch_inputs, calibration=calibration,
-            held_out=held_out, threads=threads,
+            pairs=pairs, torch_bf16=_torch_bf16(laser, torch_inputs, pairs), threads=threads,
             export_encoder=lambda model, where: export_part("user_encoder", UserEncoderPart(model, encoder.config),
                                                             UserEncoderOnnxConfig, where, inputs=inputs)))
     return manifest, held_out
+
+
+def _torch_bf16(laser, torch_inputs, pairs: Pairs) -> np.ndarray:
+    """The torch model's user vectors for the gate's pairs with the LLM's weights in bf16 (a copy; `laser` stays
+    fp32): the gate judges it as the reference for ordinary numeric noise."""
+    model = copy.deepcopy(laser)
+    model.llm.model.to(torch.bfloat16)
+    users = encode_users(model, torch_inputs, pairs.histories, batch_size=16)
+    if model.fused:
+        users = model.fused_users(users, torch_inputs.id_history(pairs.histories))
+    return users.float().numpy()
 
 
 def _write_item_ids(source: Path, target: Path, sequences: Sequences | None) -> None:

@@ -169,16 +169,36 @@ def test_sasrec_only_run_exports_a_sasrec_artefact_set(laser_run, tmp_path):
         export_run(sasrec_only, tmp_path / "art2", quantize=["nbits8"])
 
 
-def test_quantised_variant_is_measured_against_fp32(laser_run, tmp_path):
+def test_quantised_variants_are_judged_by_the_gate_on_held_out_pairs(laser_run, tmp_path):
+    from laser_batch.exporters.gate import NON_INFERIORITY, gate_pairs
+
     run, architecture = laser_run
-    schemes = ["nbits8", "nbits8-fp32", "int8-dynamic",
+    schemes = ["nbits8", "nbits8-mixed", "nbits8-fp32", "int8-dynamic",
                *(["int8-smooth", "int8-smooth-mixed"] if architecture == "llama" else [])]
     manifest = export_run(run, tmp_path / "art", quantize=schemes, llm=_llm(architecture))
-    variants = manifest["graphs"]["user_encoder"]["variants"]
+    encoder = manifest["graphs"]["user_encoder"]
+    variants = encoder["variants"]
     assert set(variants) == set(schemes)
+    sequences = _run_data(run)[1]
+    pairs = gate_pairs(sequences)
+    assert encoder["gate"]["pairs"] == len(pairs) == 2 * min(sequences.num_users, 1000)
+    fp32 = encoder["gate"]["fp32"]
+    assert 0 <= fp32["ndcg10"] <= fp32["hr10"] <= 1
+    bf16 = encoder["gate"]["torch_bf16"]  # PyTorch bf16 judged the same way: the reference for numeric noise
+    assert bf16["pairs"] == len(pairs) and bf16["ndcg10_fp32"] == pytest.approx(fp32["ndcg10"])
     for scheme, record in variants.items():
         assert record["file"] == f"user_encoder.{scheme}.onnx" and record["file"] in manifest["files"]
-        assert 0 <= record["top10_vs_fp32"]["same_set"] <= 1 and record["speedup_vs_fp32"] > 0
+        judged = record["gate"]
+        low, high = judged["ndcg10_diff_ci95"]
+        assert low <= judged["ndcg10_diff"] <= high
+        assert judged["ndcg10_diff"] == pytest.approx(judged["ndcg10"] - judged["ndcg10_fp32"])
+        assert judged["ndcg10_fp32"] == pytest.approx(fp32["ndcg10"])  # one fp32 reference for every variant
+        assert judged["non_inferiority_bar"] == pytest.approx(-NON_INFERIORITY * fp32["ndcg10"])
+        assert judged["non_inferior"] == (low >= judged["non_inferiority_bar"])
+        assert 0 <= judged["hit_changes"] <= len(pairs) and 0 <= judged["top10_overlap"] <= 1
+        assert judged["top10_same_set"] == record["top10_vs_fp32"]["same_set"]  # the old bar, a diagnostic now
+        assert record["speedup_vs_fp32"] == pytest.approx(record["users_per_second"] / record[
+            "fp32_users_per_second"], rel=0.02)
         assert record["mean_cosine"] > 0.99
         if architecture == "llama":  # centred: each variant's centre was re-calibrated (or left, if no better)
             correction = record["centre_correction"]
@@ -187,6 +207,16 @@ def test_quantised_variant_is_measured_against_fp32(laser_run, tmp_path):
                 "calibration_cosine_before"])
         else:
             assert "centre_correction" not in record
+    passing = [s for s, v in variants.items() if v["gate"]["non_inferior"] and v["speedup_vs_fp32"] > 1]
+    fastest = max(passing, key=lambda s: variants[s]["speedup_vs_fp32"], default=None)
+    assert encoder["recommended_cpu_variant"] == fastest and encoder["recommended_reason"]
+    # The sensitivity pass: every weight MatMul quantised alone and measured; the mixed variant keeps its pick.
+    nbits_pass = encoder["sensitivity"]["nbits8"]
+    layers = 7 * 2 if architecture == "llama" else 0  # GPT-2's Conv1D layers are Gemm nodes: nothing to quantise
+    assert len(nbits_pass["layers"]) == layers and all(e >= 0 for e in nbits_pass["layers"].values())
+    assert list(nbits_pass["layers"].values()) == sorted(nbits_pass["layers"].values(), reverse=True)
+    assert set(nbits_pass["kept"]) <= set(nbits_pass["layers"]) and len(nbits_pass["kept"]) <= layers // 4
+    assert variants["nbits8-mixed"]["quantized_layers"] == layers - len(nbits_pass["kept"])
     import onnx
 
     ops = [n.op_type for n in onnx.load(str(tmp_path / "art" / "user_encoder.nbits8.onnx")).graph.node]
@@ -209,7 +239,8 @@ def test_quantised_variant_is_measured_against_fp32(laser_run, tmp_path):
         smooth_ops = [n.op_type for n in onnx.load(str(tmp_path / "art" / "user_encoder.int8-smooth.onnx")).graph.node]
         assert variants["int8-smooth"]["quantized_layers"] == 7 * 2 == smooth_ops.count("DynamicQuantizeMatMul") + \
             smooth_ops.count("MatMulInteger")
-        assert variants["int8-smooth-mixed"]["quantized_layers"] == 6 * 2  # down_proj in fp32
+        kept = encoder["sensitivity"]["int8-smooth"]["kept"]
+        assert 1 <= len(kept) <= 3 and variants["int8-smooth-mixed"]["quantized_layers"] == 7 * 2 - len(kept)
     else:
         with pytest.raises(InputError, match="int8-smooth: needs a Llama-family LLM"):
             export_run(run, tmp_path / "x", quantize=["int8-smooth"], llm=_llm(architecture))

@@ -21,7 +21,8 @@ from laser_batch.config import TextConfig, load_config
 from laser_batch.encode import encode_items, encode_users, laser_inputs, laser_scorer
 from laser_batch.errors import ConfigError
 from laser_batch.evaluate import evaluate_run
-from laser_batch.metrics import exclude_items, top_k
+from laser_batch.exporters.gate import gate_pairs
+from laser_batch.metrics import exclude_items, rank_targets, top_k
 from laser_batch.train_laser import build_laser, parameter_groups, train_laser
 from laser_batch.training import sasrec_scores
 
@@ -190,13 +191,14 @@ def test_the_export_writes_the_fused_item_matrix_and_records_the_gate(fused_expo
     matrix = np.load(art / "item_matrix.npy")
     np.testing.assert_array_equal(matrix[:, :model.sasrec.config.hidden_size], model.sasrec.item_vectors().detach())
     np.testing.assert_array_equal(matrix[:, model.sasrec.config.hidden_size:], items.numpy())
-    # The int8 variant is measured on the fused ranking: its fp32 reference is the torch model's fused top 10.
-    variant = manifest["graphs"]["user_encoder"]["variants"]["int8-dynamic"]
+    # The int8 variant is judged on the fused ranking: the gate's fp32 HR@10 is the torch model's fused one on the
+    # same held-out pairs (history excluded, as evaluate ranks), up to a near-tie or two between torch and ONNX.
+    gate = manifest["graphs"]["user_encoder"]["gate"]
+    assert "gate" in manifest["graphs"]["user_encoder"]["variants"]["int8-dynamic"]
     sequences, inputs = _run_inputs(run, model)
-    histories, targets = sequences.split("test")
-    scores = laser_scorer(model, inputs, items, batch_size=16)(histories)
-    hits = (top_k(scores, 10)[0] == targets[:, None] - 1).any(1)
-    assert variant["recall@10_fp32"] == pytest.approx(float(hits.mean()))
+    pairs = gate_pairs(sequences)
+    ranks = rank_targets(laser_scorer(model, inputs, items, batch_size=16), pairs.histories, pairs.targets)
+    assert gate["fp32"]["hr10"] == pytest.approx(float((ranks <= 10).mean()), abs=2 / len(pairs))
 
 
 def _run_inputs(run, model):
