@@ -152,7 +152,8 @@ def _repo_path(path: str) -> str:
 
 
 def _of_run(section: dict) -> str:
-    return f" of `{_repo_path(section['run'])}`" if "run" in section else ""
+    key = "run" if "run" in section else "model"
+    return f" of `{_repo_path(section[key])}`" if key in section else ""
 
 
 def export_table(results_dir: Path) -> str:
@@ -176,7 +177,8 @@ def export_table(results_dir: Path) -> str:
                 continue
             rows.append(f"| {name} | {scheme} | {v['bytes'] / 1e6:.0f} | {v['top10_vs_fp32']['same_set']:.1%} "
                         f"| {v['top10_vs_fp32']['mean_overlap']:.1%} | {v['mean_cosine']:.4f} / {v['min_cosine']:.4f} "
-                        f"| {v['recall@10_change']:+.4f} | {v['speedup_vs_fp32']:.2f}x |")
+                        f"| {v.get('recall@10_change', v.get('gate', {}).get('hr10_diff', float('nan'))):+.4f} "
+                        f"| {v['speedup_vs_fp32']:.2f}x |")  # exports with the quality gate: its HR@10 change
         notes.append(f"{name}: `{_repo_path(r['run'])}`, {e2e['users']} held-out users; "
                      f"export took {r['export_seconds']:.0f} s; "
                      f"recommended CPU variant: {r['recommended_cpu_variant']}; measured on {r['machine']['cpu']}, "
@@ -209,6 +211,49 @@ def score_ray_table(results_dir: Path) -> str:
                               f"{r['contention']}.")
 
 
+def quant_gate_table(results_dir: Path) -> str:
+    """The export's quality gate of the quantised variants on held-out pairs (benchmarks/quant_gate.py)."""
+    path = results_dir / "quant_gate.json"
+    if not path.exists():
+        return "(no results yet: run python benchmarks/quant_gate.py)"
+    r = json.loads(path.read_text())
+    rows = ["| export | scorer | pairs | NDCG@10 | diff to ORT fp32 [95% CI] | bar | non-inferior | hit changes "
+            "| top-10 overlap | top-10 same set | fp32 layers kept | speed vs fp32 (export) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for label, e in r.items():
+        gate = e["gate"]
+        rows.append(f"| {label} | ORT fp32 | {gate['pairs']:,} | {gate['fp32']['ndcg10']:.4f} | (reference) | | | | | "
+                    f"| | 1.00x |")
+        named = [("PyTorch bf16 weights", gate.get("torch_bf16"), None)]
+        named += [(name, v["gate"], v) for name, v in e["variants"].items() if v.get("gate")]
+        for name, g, v in named:
+            if g is None:
+                continue
+            low, high = g["ndcg10_diff_ci95"]
+            kept = ""
+            if v is not None and name.endswith("-mixed"):
+                kept = str(len(e["sensitivity"].get(name.removesuffix("-mixed"), {}).get("kept", [])))
+            shown = f"**{name}** (recommended)" if name == e["recommended_cpu_variant"] else name
+            speed = f"{v['speedup_vs_fp32']:.2f}x" if v is not None else ""
+            rows.append(f"| {label} | {shown} | {g['pairs']:,} | {g['ndcg10']:.4f} | {g['ndcg10_diff']:+.4f} "
+                        f"[{low:+.4f}, {high:+.4f}] | {g['non_inferiority_bar']:+.4f} | "
+                        f"{'yes' if g['non_inferior'] else 'no'} | {g['hit_changes']} | {g['top10_overlap']:.1%} "
+                        f"| {g['top10_same_set']:.1%} | {kept} | "
+                        f"{speed} |")
+        notes.append(f"{label}: `{_repo_path(e['model'])}`, {gate['users']:,} users' validation and test targets; "
+                     f"recommended CPU variant: {e['recommended_cpu_variant'] or 'none (fp32)'}; measured on "
+                     f"{e['machine']['cpu']}" + (f". {e['note']}" if e.get("note") else ""))
+    return "\n".join(rows) + "\n\n" + "\n\n".join(notes)
+
+
+def _gate_cells(v: dict) -> str:
+    """The quality gate's cells of a scorer row: non-inferior, NDCG@10 difference [CI] (bar), hit changes, overlap."""
+    low, high = v["ndcg10_diff_ci95"]
+    return (f"| {'yes' if v['non_inferior'] else 'no'} | {v['ndcg10_diff']:+.4f} [{low:+.4f}, {high:+.4f}] "
+            f"({v['non_inferiority_bar']:+.4f}) | {v['hit_changes']} | {v['top10_overlap']:.1%} ")
+
+
 def score_table(results_dir: Path) -> str:
     """Our ONNX Runtime scorer vs PyTorch scorers, and the scaling runs (benchmarks/score_throughput.py)."""
     path = results_dir / "score_throughput.json"
@@ -216,23 +261,43 @@ def score_table(results_dir: Path) -> str:
         return "(no results yet: run python benchmarks/score_throughput.py)"
     r = json.loads(path.read_text())
     machines = r.get("machines", {})
-    rows = ["| model | scorer | users/s | top-10 same set as torch fp32 |", "|---|---|---|---|"]
-    for model in ("smollm2", "tiny"):
+    rows = ["| model | scorer | users/s | x ORT fp32 | non-inferior | NDCG@10 diff to fp32 [95% CI] (bar) "
+            "| hit changes | top-10 overlap | top-10 same set as torch fp32 |", "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    sections = ["smollm2", *sorted(k for k in r if k.startswith("smollm2_")), "tiny"]  # smollm2_*: --section
+    for model in sections:
         m = r.get(model)
         if not m:
             continue
-        label = "SmolLM2-135M Laser" if model == "smollm2" else "tiny Laser"
+        label = {"smollm2": "SmolLM2-135M Laser", "tiny": "tiny Laser"}.get(model, f"SmolLM2-135M Laser ({model})")
+        fp32 = next(v["users_per_s"] for v in m["ort"] if v["variant"] == "fp32")
         compiled = m.get("torch_compile_bf16_users_per_s")
-        rows += [f"| {label} | torch eager fp32 | {m['torch_fp32_users_per_s']:.2f} | (reference) |",
+        bf16_gate = _gate_cells(m["torch_bf16_gate"]) if "torch_bf16_gate" in m else "| | | | "
+        rows += [f"| {label} | torch eager fp32 | {m['torch_fp32_users_per_s']:.2f} "
+                 f"| {m['torch_fp32_users_per_s'] / fp32:.2f} | | | | | (reference) |",
                  f"| {label} | torch eager bf16 weights | {m['torch_bf16_users_per_s']:.2f} "
-                 f"| {m['torch_bf16_top10_agreement']:.1%} |",
-                 f"| {label} | torch.compile bf16 | {compiled:.2f} | |" if compiled is not None else
-                 f"| {label} | torch.compile bf16 | failed: {m.get('torch_compile_error', '')} | |"]
-        rows += [f"| {label} | ORT {v['variant']} | {v['users_per_s']:.2f} | {v['top10_agreement']:.1%} |"
-                 for v in m["ort"]]
-    notes = [f"{model}: {m['users']} held-out users{_of_run(m)} in length-sorted batches of {m['batch_size']}, padding "
-             f"efficiency {m['padding_efficiency']:.3f}, measured on {machines.get(model, r['machine'])['cpu']}"
-             for model, m in ((k, r.get(k)) for k in ("smollm2", "tiny")) if m]
+                 f"| {m['torch_bf16_users_per_s'] / fp32:.2f} {bf16_gate}| {m['torch_bf16_top10_agreement']:.1%} |",
+                 f"| {label} | torch.compile bf16 | {compiled:.2f} | {compiled / fp32:.2f} | | | | | |"
+                 if compiled is not None else
+                 f"| {label} | torch.compile bf16 | failed: {m.get('torch_compile_error', '')} | | | | | | |"]
+        recommended = m.get("recommended_cpu_variant")
+        for v in m["ort"]:
+            name = f"**{v['variant']}** (recommended)" if v["variant"] == recommended else v["variant"]
+            if v["variant"] == "fp32":
+                gate = "| (reference) | | | "
+            else:
+                gate = _gate_cells(v) if "non_inferior" in v else "| | | | "
+            rows.append(f"| {label} | ORT {name} | {v['users_per_s']:.2f} | {v['users_per_s'] / fp32:.2f} {gate}"
+                        f"| {v['top10_agreement']:.1%} |")
+        pairs = m.get("gate", {}).get("pairs")
+        flags = m.get("cpu_flags", {})
+        shown = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items() if k != "model_name")
+        notes.append(f"{model}: {m['users']} held-out users{_of_run(m)} in length-sorted batches of "
+                     f"{m['batch_size']}, padding efficiency {m['padding_efficiency']:.3f}, measured on "
+                     f"{machines.get(model, r['machine'])['cpu']}" + (f" ({shown})" if shown else "")
+                     + (f"; quality gate from the export on {pairs:,} held-out pairs" if pairs else "")
+                     + (f"; recommended CPU variant: {recommended or 'none (fp32)'}" if "ort" in m else "")
+                     + (f". {m['note'].rstrip('.')}" if m.get("note") else ""))
     scaling = r.get("scaling", [])
     if scaling:
         rows += ["", "| synthetic users | tiny model's artefacts | max batch tokens | users/s | peak RSS (MB) |",
@@ -308,8 +373,16 @@ def headline_table(results_dir: Path) -> str:
                 f"{sasrec['peak_rss_mb']:.0f} MB |")
     smollm2 = score["smollm2"]
     fp32 = next(v for v in smollm2["ort"] if v["variant"] == "fp32")
-    rows.append(f"| SmolLM2-135M Laser user encoder, ONNX Runtime fp32, CPU | {fp32['users_per_s']:.2f} users/s "
-                f"| PyTorch eager fp32 {smollm2['torch_fp32_users_per_s']:.2f} users/s |")
+    chosen = smollm2.get("recommended_cpu_variant") or "fp32"
+    auto = next(v for v in smollm2["ort"] if v["variant"] == chosen)
+    flags = smollm2.get("cpu_flags", {})
+    amx = "AMX" if any(v for k, v in flags.items() if k.startswith("amx")) else "no AMX"
+    gate = (f", non-inferior on {auto['pairs']:,} held-out pairs (NDCG@10 {auto['ndcg10_diff']:+.4f} "
+            f"[{auto['ndcg10_diff_ci95'][0]:+.4f}, {auto['ndcg10_diff_ci95'][1]:+.4f}])" if "pairs" in auto else "")
+    rows.append(f"| SmolLM2-135M Laser user encoder{_of_run(smollm2)}, `score --variant auto` on the CPU: ORT "
+                f"{chosen}{gate} | {auto['users_per_s']:.2f} users/s, {auto['users_per_s'] / fp32['users_per_s']:.2f}x "
+                f"ORT fp32 ({fp32['users_per_s']:.2f}) | PyTorch eager bf16 {smollm2['torch_bf16_users_per_s']:.2f} "
+                f"users/s ({flags.get('model_name', 'CPU')}, {amx}) |")
     used = [*(results_dir / f"sasrec_{name}.json" for name in DATASETS), *results_dir.glob("laser_ml100k*.json"),
             results_dir / "score_throughput.json", *results_dir.glob(SCIENTIFIC_RESULTS)]
     cpus = sorted({json.loads(p.read_text())["machine"]["cpu"] for p in used})
@@ -431,7 +504,8 @@ TABLES = {
     "benchmarks/README.md": (
         ("sasrec", sasrec_table), ("laser-scientific", laser_scientific_table),
         ("laser", laser_table), ("laser-proxy", laser_proxy_table),
-        ("laser-bypass", laser_bypass_table), ("export", export_table), ("topk-sensitivity", sensitivity_table),
+        ("laser-bypass", laser_bypass_table), ("export", export_table), ("quant-gate", quant_gate_table),
+        ("topk-sensitivity", sensitivity_table),
         ("score", score_table), ("score-ray", score_ray_table), ("incremental", incremental_table),
         ("cold-items", cold_items_table),
         ("epoch-cost", epoch_cost_table),

@@ -6,8 +6,9 @@
 Users: the run's test histories (original item ids), spread evenly. The job is `laser_batch.score.score_users`
 (the CLI's `score`), run once to warm up on 32 users, then profiled; the top entries by own time and by cumulative
 time go into results/score_profile.json under LABEL, with the users/s of the profiled run (cProfile slows
-Python-heavy code, not the graph runs), the command, the machine and the code's git commit. `--repo DIR` profiles
-the package of another checkout (e.g. a worktree of the commit before a change), so before and after run side by side.
+Python-heavy code, not the graph runs), the command, the machine and the code's git commit. To profile
+the package of another checkout: run with PYTHONPATH=WORKTREE (e.g. a worktree of the commit before a change), so
+before and after run side by side on one machine.
 """
 
 from __future__ import annotations
@@ -53,14 +54,26 @@ def entries(stats: pstats.Stats, key: str, top: int) -> list[dict]:
     return rows
 
 
+def encoder_file(manifest: dict, variant: str) -> tuple[str, str]:
+    """(file, name) of the user encoder that `score --variant VARIANT` runs on the CPU ("": the code's default); code
+    from before `--variant auto` runs the exported graph."""
+    try:
+        from laser_batch.artifacts import resolve_variant
+    except ImportError:  # a checkout before --variant auto (--repo): "" is the exported graph
+        graph = manifest["graphs"]["user_encoder"]
+        return (graph["variants"][variant]["file"], variant) if variant else (graph["file"], "fp32")
+    chosen = resolve_variant(manifest, variant or "auto", "CPUExecutionProvider")
+    return chosen.file, chosen.name
+
+
 def op_profile(artifacts: Path, run: Path, count: int, threads: int, variant: str, top: int) -> dict:
     """ONNX Runtime's own profile of the user encoder on the same users: time per operator type."""
     import onnxruntime as ort
 
-    from laser_batch.artifacts import Embedder, resolve_variant
+    from laser_batch.artifacts import Embedder
 
-    embedder = Embedder(artifacts, device="cpu", threads=threads, variant=variant or "auto", verify=False)
-    file, name, _ = resolve_variant(embedder.manifest, variant or "auto", "CPUExecutionProvider")
+    embedder = Embedder(artifacts, device="cpu", threads=threads, variant="", verify=False)  # feeds only
+    file, name = encoder_file(embedder.manifest, variant)
     with tempfile.TemporaryDirectory() as tmp:
         import polars as pl
 
@@ -107,10 +120,10 @@ def session_sweep(artifacts: Path, run: Path, count: int, threads: int, variant:
     import onnxruntime as ort
     import polars as pl
 
-    from laser_batch.artifacts import Embedder, resolve_variant, session
+    from laser_batch.artifacts import Embedder, session
 
-    embedder = Embedder(artifacts, device="cpu", threads=threads, variant=variant or "auto", verify=False)
-    file = resolve_variant(embedder.manifest, variant or "auto", "CPUExecutionProvider")[0]
+    embedder = Embedder(artifacts, device="cpu", threads=threads, variant="", verify=False)  # feeds only
+    file = encoder_file(embedder.manifest, variant)[0]
     with tempfile.TemporaryDirectory() as tmp:
         users = pl.read_parquet(users_file(run, count, Path(tmp) / "users.parquet"))
     ids = pl.read_parquet(artifacts / "item_ids.parquet").sort("index")["item_id"].to_list()

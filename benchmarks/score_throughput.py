@@ -2,11 +2,14 @@
 
     python benchmarks/score_throughput.py [--threads 2] [--users 256] [--scaling 10000 100000 1000000]
 
-- smollm2: the SmolLM2-135M Laser run of benchmarks/laser_ml100k.py and its artefacts from
-  benchmarks/export_smollm2.py; held-out (test-split) users. PyTorch references are built from the trained torch
-  modules and the Hugging Face LLM: eager fp32, eager with bf16 weights, and torch.compile (inductor, freezing)
-  with bf16 weights. Every scorer embeds the same users in the same length-grouped batches; users/s counts the
-  user embedding and the cosine scores against the whole item matrix. Top-10 agreement is against torch fp32.
+- smollm2: the best trained SmolLM2-135M Laser (default: Scientific's run_laser_text of
+  benchmarks/laser_scientific.py) and its artefacts from `laser-batch export` with the quantised variants (their
+  quality gate is read from the manifest); held-out (test-split) users. `--section NAME` stores this comparison
+  under another key (another machine, or another run: say which with `--note`). PyTorch references are built
+  from the trained torch modules and the Hugging Face LLM: eager fp32, eager with bf16 weights, and torch.compile
+  (inductor, freezing) with bf16 weights. Every scorer embeds the same users in the same length-grouped batches;
+  users/s counts the user embedding and the cosine scores against the whole item matrix. Top-10 agreement is
+  against torch fp32. The CPU's model name and flags (AVX-512 BF16 / VNNI, AMX) are recorded with it.
 - tiny: the same with a Laser run on the synthetic example and the embedded tiny LLM.
 - scaling: `laser-batch score` (a fresh process each) on 10k / 100k / 1M synthetic users with the tiny artefacts:
   users/s and peak RSS, at each `--max-batch-tokens` given (default: the scorer's default only). `--scaling-model
@@ -55,7 +58,8 @@ def cpu_flags() -> dict:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
-    wanted = sorted({"avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni"} | {f for f in flags if f.startswith("amx")})
+    wanted = sorted({"avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"}
+                    | {f for f in flags if f.startswith("amx")})
     return {"model_name": model, **{flag: flag in flags for flag in wanted}}
 
 
@@ -142,7 +146,7 @@ def compare(run: Path, artifacts: Path, users: int, threads: int, batch_size: in
                "top10_agreement": _agreement(reference_top, _top10(got, item_matrix))}
         if variant == "fp32":
             row.update(non_inferior=True, ndcg10_diff_ci95=[0.0, 0.0], hit_changes=0, top10_overlap=1.0)
-        else:
+        elif "gate" in encoder["variants"][variant]:  # exports before the quality gate have none
             row.update(_gate_row(encoder["variants"][variant]["gate"]))
             row["export_speedup_vs_fp32"] = encoder["variants"][variant]["speedup_vs_fp32"]
         out["ort"].append(row)
@@ -248,6 +252,8 @@ def main() -> None:
                         help="artefacts of the tiny run to score the scaling users with")
     parser.add_argument("--skip", action="append", choices=["smollm2", "tiny", "scaling"], default=[])
     parser.add_argument("--results", type=Path, default=HERE / "results" / "score_throughput.json")
+    parser.add_argument("--section", default="smollm2", help="the key the SmolLM2 comparison is stored under")
+    parser.add_argument("--note", help="stored with the SmolLM2 comparison: why this run, what differs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     record = json.loads(args.results.read_text()) if args.results.exists() else {}
@@ -262,10 +268,13 @@ def main() -> None:
         args.results.write_text(json.dumps(record, indent=2) + "\n")
 
     if "smollm2" not in args.skip:
-        record["smollm2"] = compare(args.run, args.artifacts, args.users, args.threads, args.batch_size)
-        logging.info("smollm2 %s", record["smollm2"])
-        commands["smollm2"] = command
-        machines["smollm2"] = record["machine"]
+        section = args.section
+        record[section] = compare(args.run, args.artifacts, args.users, args.threads, args.batch_size)
+        if args.note:
+            record[section]["note"] = args.note
+        logging.info("%s %s", section, record[section])
+        commands[section] = command
+        machines[section] = record["machine"]
         save()
     tiny_work = WORK / "score_tiny"
     if "tiny" not in args.skip or "scaling" not in args.skip:

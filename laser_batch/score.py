@@ -315,14 +315,14 @@ def score_users(users_path: Path, artifacts: Path, out: Path, *, on_chunk: Calla
 
 def prepare_job(users_path: Path, artifacts: Path, out: Path, opts: JobOptions) -> tuple[Recommender, Setup,
                                                                                         list[Path]]:
-    """Every check of a local job before it touches OUT: pinned manifest, `--variant`, input schema, filters, output
+    """Every check of a local job before it touches OUT: pinned manifest, input schema, `--variant`, filters, output
     options, `--previous`, then the model (its checksums verified, the variant resolved on the provider its sessions
     got, and with it the fingerprints' key). Returns (recommender, incremental setup, input files). Shared with
     `laser_batch.plan` (`score --dry-run`)."""
     if opts.expect_manifest_sha256 is not None:
         check_manifest_sha256(artifacts, opts.expect_manifest_sha256)
-    opts.check_variant(artifacts)
     schema = check_users_schema(users_path, interactions=opts.interactions)
+    opts.check_variant(artifacts)
     prepared = opts.item_filters(artifacts)
     prepared.check_input(schema, users_path)
     output = opts.output_options(artifacts)

@@ -33,7 +33,7 @@ def _exporters_imported(tree: ast.Module) -> set[str]:
 
 
 def test_the_modules_are_the_ones_the_package_documents():
-    assert MODULES == ["export", "manifest", "parts", "quantize", "smooth", "validate"]
+    assert MODULES == ["export", "gate", "manifest", "parts", "quantize", "smooth", "validate"]
 
 
 @pytest.mark.parametrize("module", MODULES)

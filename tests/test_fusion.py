@@ -225,7 +225,9 @@ def test_score_and_evaluate_agree_on_every_users_top_10(fused_export, llm, tmp_p
     users = pl.DataFrame({"user_id": sequences.user_ids,
                           "history": [sequences.item_ids.gather(h - 1).to_list() for h in histories]})
     users.write_parquet(tmp_path / "users.parquet")
-    score_users(tmp_path / "users.parquet", art, tmp_path / "out", top_k=10)
+    # fp32 graphs: `--variant auto` (the default) may pick the int8 variant, which is judged on quality, not scores.
+    summary = score_users(tmp_path / "users.parquet", art, tmp_path / "out", top_k=10, variant="fp32")
+    assert summary["variant"] == "fp32"
     recs = pl.read_parquet(tmp_path / "out" / "part-*.parquet").sort("user_id", "rank")
 
     # evaluate --model laser's scorer
