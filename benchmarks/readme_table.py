@@ -345,6 +345,16 @@ def _hr_ndcg(metrics: dict) -> str:
     return f"{_fmt(metrics, 'HR@10')} / {_fmt(metrics, 'NDCG@10')}"
 
 
+def _amx_cell(m: dict | None) -> str:
+    """The headline's AMX caveat: where PyTorch bf16 runs on AMX tiles, the recommended variant against it."""
+    if not m or not any(v for k, v in m.get("cpu_flags", {}).items() if k.startswith("amx")):
+        return ""
+    chosen = m.get("recommended_cpu_variant") or "fp32"
+    return (f"; on {m['cpu_flags']['model_name']} with AMX: ORT {chosen} {m['recommended_vs']['ort_fp32']:.2f}x ORT "
+            f"fp32 but {m['recommended_vs']['torch_bf16']:.2f}x PyTorch eager bf16 "
+            f"({m['torch_bf16_users_per_s']:.2f} users/s)")
+
+
 def headline_table(results_dir: Path) -> str:
     """README.md's one table: the headline number of each benchmark against its reference."""
     rows = ["| benchmark | laser-batch | reference |", "|---|---|---|"]
@@ -382,7 +392,7 @@ def headline_table(results_dir: Path) -> str:
     rows.append(f"| SmolLM2-135M Laser user encoder{_of_run(smollm2)}, `score --variant auto` on the CPU: ORT "
                 f"{chosen}{gate} | {auto['users_per_s']:.2f} users/s, {auto['users_per_s'] / fp32['users_per_s']:.2f}x "
                 f"ORT fp32 ({fp32['users_per_s']:.2f}) | PyTorch eager bf16 {smollm2['torch_bf16_users_per_s']:.2f} "
-                f"users/s ({flags.get('model_name', 'CPU')}, {amx}) |")
+                f"users/s ({flags.get('model_name', 'CPU')}, {amx}){_amx_cell(score.get('smollm2_amx'))} |")
     used = [*(results_dir / f"sasrec_{name}.json" for name in DATASETS), *results_dir.glob("laser_ml100k*.json"),
             results_dir / "score_throughput.json", *results_dir.glob(SCIENTIFIC_RESULTS)]
     cpus = sorted({json.loads(p.read_text())["machine"]["cpu"] for p in used})
