@@ -217,30 +217,26 @@ def quant_gate_table(results_dir: Path) -> str:
     if not path.exists():
         return "(no results yet: run python benchmarks/quant_gate.py)"
     r = json.loads(path.read_text())
-    rows = ["| export | scorer | pairs | NDCG@10 | diff to ORT fp32 [95% CI] | bar | non-inferior | hit changes "
+    rows = ["| export | scorer | pairs | NDCG@10 | non-inferior | diff to ORT fp32 [95% CI] (bar) | hit changes "
             "| top-10 overlap | top-10 same set | fp32 layers kept | speed vs fp32 (export) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for label, e in r.items():
         gate = e["gate"]
-        rows.append(f"| {label} | ORT fp32 | {gate['pairs']:,} | {gate['fp32']['ndcg10']:.4f} | (reference) | | | | | "
+        rows.append(f"| {label} | ORT fp32 | {gate['pairs']:,} | {gate['fp32']['ndcg10']:.4f} | (reference) | | | | "
                     f"| | 1.00x |")
         named = [("PyTorch bf16 weights", gate.get("torch_bf16"), None)]
         named += [(name, v["gate"], v) for name, v in e["variants"].items() if v.get("gate")]
         for name, g, v in named:
             if g is None:
                 continue
-            low, high = g["ndcg10_diff_ci95"]
             kept = ""
             if v is not None and name.endswith("-mixed"):
                 kept = str(len(e["sensitivity"].get(name.removesuffix("-mixed"), {}).get("kept", [])))
             shown = f"**{name}** (recommended)" if name == e["recommended_cpu_variant"] else name
             speed = f"{v['speedup_vs_fp32']:.2f}x" if v is not None else ""
-            rows.append(f"| {label} | {shown} | {g['pairs']:,} | {g['ndcg10']:.4f} | {g['ndcg10_diff']:+.4f} "
-                        f"[{low:+.4f}, {high:+.4f}] | {g['non_inferiority_bar']:+.4f} | "
-                        f"{'yes' if g['non_inferior'] else 'no'} | {g['hit_changes']} | {g['top10_overlap']:.1%} "
-                        f"| {g['top10_same_set']:.1%} | {kept} | "
-                        f"{speed} |")
+            rows.append(f"| {label} | {shown} | {g['pairs']:,} | {g['ndcg10']:.4f} {_gate_cells(g)}"
+                        f"| {g['top10_same_set']:.1%} | {kept} | {speed} |")
         notes.append(f"{label}: `{_repo_path(e['model'])}`, {gate['users']:,} users' validation and test targets; "
                      f"recommended CPU variant: {e['recommended_cpu_variant'] or 'none (fp32)'}; measured on "
                      f"{e['machine']['cpu']}" + (f". {e['note']}" if e.get("note") else ""))
@@ -345,9 +341,14 @@ def _hr_ndcg(metrics: dict) -> str:
     return f"{_fmt(metrics, 'HR@10')} / {_fmt(metrics, 'NDCG@10')}"
 
 
+def _has_amx(flags: dict) -> bool:
+    """Whether score_throughput.py's recorded CPU flags include an AMX one (PyTorch bf16 then runs on AMX tiles)."""
+    return any(v for k, v in flags.items() if k.startswith("amx"))
+
+
 def _amx_cell(m: dict | None) -> str:
     """The headline's AMX caveat: where PyTorch bf16 runs on AMX tiles, the recommended variant against it."""
-    if not m or not any(v for k, v in m.get("cpu_flags", {}).items() if k.startswith("amx")):
+    if not m or not _has_amx(m.get("cpu_flags", {})):
         return ""
     chosen = m.get("recommended_cpu_variant") or "fp32"
     return (f"; on {m['cpu_flags']['model_name']} with AMX: ORT {chosen} {m['recommended_vs']['ort_fp32']:.2f}x ORT "
@@ -386,7 +387,7 @@ def headline_table(results_dir: Path) -> str:
     chosen = smollm2.get("recommended_cpu_variant") or "fp32"
     auto = next(v for v in smollm2["ort"] if v["variant"] == chosen)
     flags = smollm2.get("cpu_flags", {})
-    amx = "AMX" if any(v for k, v in flags.items() if k.startswith("amx")) else "no AMX"
+    amx = "AMX" if _has_amx(flags) else "no AMX"
     gate = (f", non-inferior on {auto['pairs']:,} held-out pairs (NDCG@10 {auto['ndcg10_diff']:+.4f} "
             f"[{auto['ndcg10_diff_ci95'][0]:+.4f}, {auto['ndcg10_diff_ci95'][1]:+.4f}])" if "pairs" in auto else "")
     rows.append(f"| SmolLM2-135M Laser user encoder{_of_run(smollm2)}, `score --variant auto` on the CPU: ORT "
